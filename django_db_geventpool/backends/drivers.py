@@ -1,0 +1,177 @@
+"""What the pool needs from each driver, for the driver Django itself loaded.
+
+Django's PostgreSQL backend picks psycopg 3 whenever it is importable, else
+psycopg2; `driver_ops()` follows that choice rather than importing a driver of its
+own. Each class also makes sure its driver yields to the gevent hub instead of
+blocking it (`ensure_cooperative`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+__all__ = ["Psycopg3Ops", "Psycopg2Ops", "driver_ops"]
+
+logger = logging.getLogger(__name__)
+
+
+def _gevent_patched(module: str) -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched(module))
+
+
+class Psycopg3Ops:
+    """psycopg 3 connections (``psycopg.Connection``)."""
+
+    name = "psycopg 3"
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self.connect_errors = (psycopg.OperationalError,)
+
+    @staticmethod
+    def ensure_cooperative(alias: str) -> None:
+        """Refuse a psycopg that would block the hub: imported before gevent patched select."""
+        if not _gevent_patched("select"):
+            # No gevent patching at all (manage.py, a plain script): there is no
+            # other greenlet to yield to, and psycopg's C wait is fine.
+            return
+        import psycopg.waiting as waiting
+
+        if "PSYCOPG_WAIT_FUNC" in os.environ:
+            return
+        if waiting.wait is getattr(waiting, "wait_c", None):
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]: psycopg was imported before gevent.monkey.patch_all(), "
+                "so its queries would block every greenlet of the process. Patch first: run "
+                "under `python -m gevent.monkey`, or call gevent.monkey.patch_all() at the very "
+                "top of manage.py / wsgi.py / celery app, or start gunicorn with "
+                "`-c gunicorn.conf.py` (it patches before Django loads)."
+            )
+
+    @staticmethod
+    def is_closed(raw: Any) -> bool:
+        return raw.closed or raw.broken
+
+    @staticmethod
+    def fileno(raw: Any) -> int:
+        return raw.pgconn.socket
+
+    @staticmethod
+    def transaction_status(raw: Any) -> int:
+        # libpq's PGTransactionStatusType: the numbering TransactionStatus uses.
+        return int(raw.pgconn.transaction_status)
+
+    @staticmethod
+    def ping(raw: Any) -> None:
+        # An empty query: one round trip, no parsing, no transaction.
+        raw.execute("")
+
+    @staticmethod
+    def rollback(raw: Any) -> None:
+        raw.rollback()
+
+    @staticmethod
+    def commit(raw: Any) -> None:
+        raw.commit()
+
+    @staticmethod
+    def restore_autocommit(raw: Any) -> None:
+        if not raw.autocommit:
+            raw.autocommit = True
+
+    @staticmethod
+    def execute(raw: Any, sql: str) -> None:
+        raw.execute(sql)
+
+    @staticmethod
+    def close(raw: Any) -> None:
+        raw.close()
+
+
+class Psycopg2Ops:
+    """psycopg2 connections, made cooperative with psycogreen's wait callback."""
+
+    name = "psycopg2"
+
+    def __init__(self) -> None:
+        import psycopg2
+
+        self.connect_errors = (psycopg2.OperationalError,)
+
+    @staticmethod
+    def ensure_cooperative(alias: str) -> None:
+        """Install psycogreen's gevent wait callback if no wait callback is set."""
+        import psycopg2.extensions
+
+        if psycopg2.extensions.get_wait_callback() is not None:
+            return
+        try:
+            from psycogreen.gevent import patch_psycopg
+        except ImportError:
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]: psycopg2 has no gevent wait callback, so its queries "
+                "would block every greenlet. Install psycogreen "
+                "(pip install 'django-db-geventpool[psycopg2]')."
+            ) from None
+        patch_psycopg()
+        logger.info("installed psycogreen's gevent wait callback for psycopg2")
+
+    @staticmethod
+    def is_closed(raw: Any) -> bool:
+        return raw.closed != 0
+
+    @staticmethod
+    def fileno(raw: Any) -> int:
+        return raw.fileno()
+
+    @staticmethod
+    def transaction_status(raw: Any) -> int:
+        return raw.info.transaction_status
+
+    @staticmethod
+    def ping(raw: Any) -> None:
+        # psycopg2 refuses an empty query; SELECT 1 is the cheapest round trip.
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    @staticmethod
+    def rollback(raw: Any) -> None:
+        raw.rollback()
+
+    @staticmethod
+    def commit(raw: Any) -> None:
+        raw.commit()
+
+    @staticmethod
+    def restore_autocommit(raw: Any) -> None:
+        if not raw.autocommit:
+            raw.autocommit = True
+
+    @staticmethod
+    def execute(raw: Any, sql: str) -> None:
+        with raw.cursor() as cursor:
+            cursor.execute(sql)
+
+    @staticmethod
+    def close(raw: Any) -> None:
+        raw.close()
+
+
+_driver_ops: Psycopg3Ops | Psycopg2Ops | None = None
+
+
+def driver_ops() -> Psycopg3Ops | Psycopg2Ops:
+    """The operations of the driver Django's PostgreSQL backend loaded."""
+    global _driver_ops
+    if _driver_ops is None:
+        from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+        _driver_ops = Psycopg3Ops() if is_psycopg3 else Psycopg2Ops()
+    return _driver_ops

@@ -1,0 +1,27 @@
+"""Errors raised by the pool.
+
+They subclass Django's ``OperationalError`` when Django is importable, so handlers
+that already catch database errors keep working; the pool core itself names no
+Django module, only this file does.
+"""
+
+__all__ = ["PoolError", "PoolTimeout", "PoolClosed"]
+
+try:
+    from django.db.utils import OperationalError as _OperationalError
+except ImportError:  # the pool core is usable (and unit-tested) without Django
+
+    class _OperationalError(Exception):
+        """Stand-in base class when Django is not installed."""
+
+
+class PoolError(_OperationalError):
+    """Base class of the errors raised by the pool."""
+
+
+class PoolTimeout(PoolError, TimeoutError):
+    """No connection became available within the pool's timeout."""
+
+
+class PoolClosed(PoolError):
+    """Checkout attempted from a pool that was closed."""
