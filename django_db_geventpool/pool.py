@@ -370,7 +370,12 @@ class ConnectionPool:
         """Turn an idle connection (or none) into a healthy one; the slot is ours."""
         reconnect = False
         while conn is not None:
-            verdict = self._check(conn) if conn.target == target else _EXPIRED
+            try:
+                verdict = self._check(conn) if conn.target == target else _EXPIRED
+            except BaseException:
+                # Killed during the round trip: the connection's state is unknown.
+                self._close_quietly(conn)
+                raise
             if verdict == _HEALTHY:
                 return conn
             if verdict == _LOST:
