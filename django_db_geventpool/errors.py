@@ -5,7 +5,7 @@ that already catch database errors keep working; the pool core itself names no
 Django module, only this file does.
 """
 
-__all__ = ["PoolError", "PoolTimeout", "PoolClosed"]
+__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown"]
 
 try:
     from django.db.utils import OperationalError as _OperationalError
@@ -25,3 +25,7 @@ class PoolTimeout(PoolError, TimeoutError):
 
 class PoolClosed(PoolError):
     """Checkout attempted from a pool that was closed."""
+
+
+class AllPeersDown(PoolError):
+    """Every peer of the pool is down and none is due for a retry (see PEERS)."""

@@ -55,12 +55,30 @@ def remove_reconnect_hook(hook: ReconnectHook) -> None:
 
 
 def send_pre_reconnect(dbwrapper: BaseDatabaseWrapper) -> None:
-    for hook in tuple(_pre_hooks):
-        hook(dbwrapper)
-    pre_reconnect.send(sender=type(dbwrapper), dbwrapper=dbwrapper)
+    _notify("pre", _pre_hooks, pre_reconnect, dbwrapper)
 
 
 def send_post_reconnect(dbwrapper: BaseDatabaseWrapper) -> None:
-    for hook in tuple(_post_hooks):
-        hook(dbwrapper)
-    post_reconnect.send(sender=type(dbwrapper), dbwrapper=dbwrapper)
+    _notify("post", _post_hooks, post_reconnect, dbwrapper)
+
+
+def _notify(
+    stage: str, hooks: list[ReconnectHook], signal: Signal, dbwrapper: BaseDatabaseWrapper
+) -> None:
+    current: object = signal
+    try:
+        for current in tuple(hooks):
+            current(dbwrapper)
+        current = signal
+        signal.send(sender=type(dbwrapper), dbwrapper=dbwrapper)
+    except Exception as exc:
+        # The hook's own exception reaches the caller; say where it came from.
+        if current is signal:
+            source = f"a receiver of the {stage}_reconnect signal"
+        else:
+            source = f"the {stage}_reconnect hook {current!r}"
+        exc.add_note(
+            f"django_db_geventpool: raised by {source} for DATABASES[{dbwrapper.alias!r}]; "
+            "the connect was abandoned"
+        )
+        raise

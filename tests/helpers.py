@@ -56,13 +56,14 @@ class ServerConnectionSampler:
         self.samples: list[int] = []
         self._conn = raw_connect()
         self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
 
     @property
     def peak(self) -> int:
         return max(self.samples, default=0)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self.samples.append(len(pool_backends(self._conn)))
             gevent.sleep(self.interval)
 
@@ -72,6 +73,9 @@ class ServerConnectionSampler:
 
     def __exit__(self, *exc: object) -> None:
         assert self._greenlet is not None
-        self._greenlet.kill()
+        # Stop between samples: a kill during a query would leave the
+        # connection busy for the last sample below.
+        self._stopping = True
+        self._greenlet.join()
         self.samples.append(len(pool_backends(self._conn)))
         self._conn.close()

@@ -1,6 +1,7 @@
 """Checkout, reuse and return through Django, on a real server."""
 
 import gevent
+import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
@@ -30,3 +31,43 @@ def test_connection_is_reused_across_greenlets():
         gevent.spawn(work).join()
     assert len(set(pids)) == 1
     assert get_stats()["connections_num"] == 1
+
+
+def test_stats_have_the_documented_keys():
+    stats = get_stats()
+    for key in (
+        "pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
+        "requests_wait_ms", "requests_errors", "connections_num", "connections_errors",
+        "connections_lost", "returns_bad", "checks_roundtrip",
+    ):
+        assert isinstance(stats[key], int), key
+    assert stats["pool_max"] == 4  # MAX_CONNS of the test settings
+
+
+def test_stats_count_requests_and_connections():
+    def work():
+        try:
+            Item.objects.count()
+        finally:
+            connection.close()
+
+    gevent.joinall([gevent.spawn(work) for _ in range(10)], raise_error=True)
+    stats = get_stats()
+    assert stats["requests_num"] == 10
+    assert 1 <= stats["connections_num"] <= 4
+    assert stats["pool_size"] == stats["pool_available"] == stats["connections_num"]
+    assert stats["requests_errors"] == stats["connections_errors"] == 0
+
+
+def test_get_stats_refuses_an_alias_that_is_not_pooled():
+    connections.settings["plain"] = {
+        **connections.settings["default"],
+        "ENGINE": "django.db.backends.postgresql",
+        "OPTIONS": {},
+    }
+    try:
+        with pytest.raises(ValueError, match="not a django_db_geventpool ENGINE"):
+            get_stats("plain")
+    finally:
+        del connections["plain"]
+        del connections.settings["plain"]

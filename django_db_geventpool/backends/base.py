@@ -15,21 +15,30 @@ sends ``connection_created``; ``close()`` still handles atomic blocks and
 * `close_if_unusable_or_obsolete` always gives the connection back at request
   boundaries, whatever ``CONN_MAX_AGE`` says: idle connections live in the pool.
 * `close_pool` closes the alias's pool (Django's test-database code calls it).
+
+With ``PEERS`` the alias still has one pool; each new server connection goes to
+a peer chosen by the pool's `PeerSet` and is opened with that peer's
+``DATABASES`` entry (see ``peering.py`` and ``peers.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
+from .. import checks as _checks  # noqa: F401 - registers the system checks
 from .. import registry, signals
 from ..pool import ConnectionPool, Lease
+from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
+from .peering import build_peer_set, peer_connection_params, peer_target
 
 __all__ = ["PooledDatabaseWrapperMixin"]
 
@@ -39,6 +48,12 @@ logger = logging.getLogger(__name__)
 # connection opened for other values (a test database, a rotated user) is not
 # handed out.
 _TARGET_KEYS = ("NAME", "HOST", "PORT", "USER")
+_POOL_OPTION_SET = frozenset(POOL_OPTION_NAMES)
+
+# alias -> (what the parameters were built from, a copy of OPTIONS, the parameters).
+# Process-global like the pools: each greenlet has its own wrapper, and a web
+# request's greenlet checks out once, so a per-wrapper cache would never hit.
+_params_by_alias: dict[str, tuple[tuple, dict[str, Any], dict[str, Any]]] = {}
 
 
 class PooledDatabaseWrapperMixin:
@@ -62,13 +77,22 @@ class PooledDatabaseWrapperMixin:
         settings: PoolSettings = parse_pool_settings(self.alias, self.settings_dict)
         ops = driver_ops()
         ops.ensure_cooperative(self.alias)
-        pool = ConnectionPool(self.alias, ops, **settings.pool_kwargs())
+        # With PEERS: one pool over all peers; the peer set counts each peer's
+        # connections (closed through the pool's driver ops) and adds its stats.
+        peer_set = build_peer_set(self.alias, settings, ops.connect_errors)
+        pool_ops = ops if peer_set is None else peer_set.counting_ops(ops)
+        pool = ConnectionPool(self.alias, pool_ops, **settings.pool_kwargs())
         pool.settings = settings  # type: ignore[attr-defined]
+        pool.peer_set = peer_set  # type: ignore[attr-defined]
+        if peer_set is not None:
+            pool.add_stats_source(peer_set.get_stats)
         # setdefault: if two greenlets raced here, both use the first pool.
         existing = registry.pools.get(self.alias)
         if existing is not None and not existing.closed:
             return existing
         registry.pools[self.alias] = pool
+        if settings.stats_log_interval is not None:
+            start_stats_logger(pool, settings.stats_log_interval)
         return pool
 
     def close_pool(self) -> None:
@@ -80,9 +104,27 @@ class PooledDatabaseWrapperMixin:
     # -- Django's connection hooks --------------------------------------------
 
     def get_connection_params(self) -> dict[str, Any]:
+        if "pool" in (self.settings_dict.get("OPTIONS") or {}):
+            # Django's own check would speak first, and on psycopg2 it says
+            # "requires psycopg >= 3": raise ours, which says what to do.
+            parse_pool_settings(self.alias, self.settings_dict)
+        # Django's connect() asks for the parameters at every checkout, though a
+        # checkout that reuses a connection never uses them: rebuild them only when
+        # what they are built from has changed (a hook may change settings_dict).
+        settings_dict = self.settings_dict
+        source = (
+            settings_dict.get("NAME"), settings_dict.get("USER"), settings_dict.get("PASSWORD"),
+            settings_dict.get("HOST"), settings_dict.get("PORT"),
+            django_settings.USE_TZ, self.timezone,  # type: ignore[attr-defined]
+        )
+        options = settings_dict.get("OPTIONS") or {}
+        cached = _params_by_alias.get(self.alias)
+        if cached is not None and cached[0] == source and cached[1] == options:
+            return dict(cached[2])
         params = super().get_connection_params()  # type: ignore[misc]
-        for name in POOL_OPTION_NAMES:
-            params.pop(name, None)
+        for name in _POOL_OPTION_SET.intersection(params):
+            del params[name]
+        _params_by_alias[self.alias] = (source, dict(options), dict(params))
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -93,7 +135,7 @@ class PooledDatabaseWrapperMixin:
             # A previous checkout was never given back through close(): give it
             # back now rather than leak its slot.
             self._give_back(self._pool_lease)
-        lease = pool.checkout(self._open_pooled_connection, owner=self, target=self._target())
+        lease = pool.checkout(self._pool_opener(pool), owner=self, target=self._target())
         self._pool_lease = lease
         if "isolation_level" not in self.__dict__:
             # Django sets it when it opens a connection; a reused one needs it too.
@@ -102,37 +144,81 @@ class PooledDatabaseWrapperMixin:
 
     def _target(self) -> tuple:
         settings_dict = self.settings_dict
-        return tuple(settings_dict.get(key) for key in _TARGET_KEYS)
+        target = tuple(settings_dict.get(key) for key in _TARGET_KEYS)
+        peer_set = getattr(registry.pools.get(self.alias), "peer_set", None)
+        if peer_set is None:
+            return target
+        # An idle connection to any peer will do: the target is the whole set's,
+        # and it changes (closing idle connections) when any peer's entry does.
+        return (target,) + tuple(
+            peer_target(peer.name, _TARGET_KEYS) for peer in peer_set.peers[1:]
+        )
 
-    def _open_pooled_connection(self, reconnect: bool) -> Any:
-        """Open a server connection the way Django's own backend would; called by the pool."""
+    def _pool_opener(self, pool: ConnectionPool) -> Any:
+        """What the pool calls to open a connection: on this alias, or on a chosen peer."""
+        peer_set = getattr(pool, "peer_set", None)
+        if peer_set is None:
+            return self._open_pooled_connection
+        return functools.partial(peer_set.open_connection, self._open_on_peer)
+
+    def _open_on_peer(self, peer: str, reconnect: bool) -> Any:
+        return self._open_pooled_connection(reconnect, peer)
+
+    def _open_pooled_connection(self, reconnect: bool, peer: str | None = None) -> Any:
+        """Open a server connection the way Django's own backend would; called by the pool.
+
+        ``peer``: the ``DATABASES`` alias whose entry gives the connection
+        parameters (default: this alias).
+        """
         if reconnect:
             signals.send_pre_reconnect(self)
         # Read now, not when the pool was created: a hook may have changed them.
-        params = self.get_connection_params()
-        raw = super().get_new_connection(params)  # type: ignore[misc]
+        params = self.get_connection_params() if peer is None else peer_connection_params(self, peer)
+        ops = driver_ops()
+        with ops.connect_deadline(params):
+            raw = super().get_new_connection(params)  # type: ignore[misc]
         try:
-            ops = driver_ops()
             if ops.transaction_status(raw) != 0:
                 # Per-connection set-up (PostGIS type lookups) ran in a transaction.
                 ops.commit(raw)
             ops.restore_autocommit(raw)
             # Django's per-session set-up (time zone, assume_role), done once per
             # server connection instead of at every checkout.
-            self._configure_connection(raw)  # type: ignore[attr-defined]
+            self._configure_session(raw)
+            if reconnect:
+                # Inside the try: a failing post-reconnect hook must not leak raw.
+                signals.send_post_reconnect(self)
         except BaseException:
             raw.close()
             raise
-        if reconnect:
-            signals.send_post_reconnect(self)
         return raw
 
+    def _configure_session(self, raw: Any) -> bool:
+        """Run Django's session set-up on ``raw``; True if it needs a commit.
+
+        Django's ``assume_role`` set-up quotes the role through the wrapper's own
+        cursor, so the wrapper must point at ``raw`` meanwhile: with no connection
+        it would check out another one (a deadlock at MAX_CONNS=1).
+        """
+        previous = self.connection  # type: ignore[has-type]
+        self.connection = raw
+        try:
+            return self._configure_connection(raw)  # type: ignore[attr-defined]
+        finally:
+            self.connection = previous
+
     def init_connection_state(self) -> None:
-        if self._pool_lease is None:
+        lease = self._pool_lease
+        if lease is None:
             return super().init_connection_state()  # type: ignore[misc]
         # The session set-up of Django's PostgreSQL backend was done when the
         # server connection was opened; only the generic part runs per checkout.
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+        if lease.pool.reset_query:
+            # A reset query such as DISCARD ALL also undid the session set-up
+            # (role, time zone) when the connection was returned: redo it.
+            if self._configure_session(self.connection) and not self.get_autocommit():
+                self.connection.commit()
 
     def _close(self) -> None:
         lease = self._pool_lease
@@ -144,6 +230,14 @@ class PooledDatabaseWrapperMixin:
             lease.pool.discard(lease)
         else:
             lease.pool.checkin(lease)
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Django's connect() sets autocommit at every checkout, and the pool hands
+        # connections out in autocommit already: skip the no-op, which psycopg 3
+        # runs through its lock and wait machinery (about 2 µs per checkout).
+        if self._pool_lease is not None and self.connection.autocommit == autocommit:
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def _give_back(self, lease: Lease) -> None:
         self._pool_lease = None

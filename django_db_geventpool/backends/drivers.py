@@ -8,10 +8,11 @@ blocking it (`ensure_cooperative`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -34,6 +35,11 @@ class Psycopg3Ops:
         import psycopg
 
         self.connect_errors = (psycopg.OperationalError,)
+
+    @staticmethod
+    def connect_deadline(params: dict[str, Any]) -> contextlib.nullcontext[None]:
+        """Nothing to add: psycopg 3 enforces ``connect_timeout`` itself."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def ensure_cooperative(alias: str) -> None:
@@ -94,6 +100,12 @@ class Psycopg3Ops:
     def close(raw: Any) -> None:
         raw.close()
 
+    @staticmethod
+    def cancel(raw: Any) -> None:
+        # With libpq 17+ (psycopg-binary has it) the cancel request yields to
+        # the hub; an older libpq falls back to a short blocking cancel.
+        raw.cancel_safe(timeout=5.0)
+
 
 class Psycopg2Ops:
     """psycopg2 connections, made cooperative with psycogreen's wait callback."""
@@ -122,6 +134,40 @@ class Psycopg2Ops:
             ) from None
         patch_psycopg()
         logger.info("installed psycogreen's gevent wait callback for psycopg2")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def connect_deadline(params: dict[str, Any]) -> Iterator[None]:
+        """Enforce ``connect_timeout`` around a connect.
+
+        libpq applies it only to its blocking connect; with a wait callback
+        (psycogreen) psycopg2 connects asynchronously and a host that never
+        answers would hang the connect. libpq's rules: per host, at least 2 s,
+        0 or absent for none.
+        """
+        import gevent
+        import psycopg2
+
+        try:
+            per_host = int(params.get("connect_timeout") or 0)
+        except (TypeError, ValueError):
+            per_host = 0
+        if per_host <= 0:
+            yield
+            return
+        seconds = max(per_host, 2) * (str(params.get("host") or "").count(",") + 1)
+        deadline = gevent.Timeout(seconds)
+        deadline.start()
+        try:
+            yield
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            raise psycopg2.OperationalError(
+                f"connection timeout expired (connect_timeout={per_host}s)"
+            ) from None
+        finally:
+            deadline.close()
 
     @staticmethod
     def is_closed(raw: Any) -> bool:
@@ -162,6 +208,12 @@ class Psycopg2Ops:
     @staticmethod
     def close(raw: Any) -> None:
         raw.close()
+
+    @staticmethod
+    def cancel(raw: Any) -> None:
+        # psycopg2 closes a connection itself when its wait is interrupted, and
+        # its cancel() would block the hub while it connects: nothing to do.
+        return None
 
 
 _driver_ops: Psycopg3Ops | Psycopg2Ops | None = None

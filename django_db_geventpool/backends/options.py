@@ -13,6 +13,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from .transaction_pooling import check_transaction_pooling
+
 __all__ = ["PoolSettings", "POOL_OPTION_NAMES", "TOP_LEVEL_OPTION_NAMES", "parse_pool_settings"]
 
 _UNSET = object()
@@ -31,6 +33,8 @@ _SPEC: dict[str, tuple[Any, str, str]] = {
     "RESET_QUERY": (None, "sql?", 'an SQL string such as "DISCARD ALL", or None'),
     "PEERS": (None, "aliases?", "a list of other DATABASES aliases, or None"),
     "CHECK_INTERVAL": (30.0, "num>0", "a number of seconds > 0"),
+    "STATS_LOG_INTERVAL": (None, "num>0?", "a number of seconds > 0, or None (no stats log line)"),
+    "TRANSACTION_POOLING": (False, "bool", "True (behind pgbouncer in transaction mode) or False"),
 }
 POOL_OPTION_NAMES = tuple(_SPEC)
 # As in django-proxysql, these may also stand at the top level of the entry.
@@ -53,6 +57,10 @@ class PoolSettings:
     reset_query: str | None
     peers: tuple[str, ...]
     check_interval: float
+    # Not a ConnectionPool argument: the backend starts a stats logger (statslog.py).
+    stats_log_interval: float | None = None
+    # Declared proxy in transaction mode: settings checked by transaction_pooling.py.
+    transaction_pooling: bool = False
 
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ConnectionPool`."""
@@ -87,6 +95,8 @@ def _accepts(kind: str, value: Any) -> bool:
         return _is_number(value) and value > 0
     if kind == "num>=0":
         return _is_number(value) and value >= 0
+    if kind == "bool":
+        return isinstance(value, bool)
     if kind == "sql":
         return isinstance(value, str) and value.strip() != ""
     if kind == "aliases":
@@ -134,6 +144,8 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
     peers = tuple(values["PEERS"] or ())
     if alias in peers:
         peers = tuple(p for p in peers if p != alias)
+    if values["TRANSACTION_POOLING"]:
+        check_transaction_pooling(alias, settings_dict)
     return PoolSettings(
         max_conns=max_conns,
         reuse_conns=reuse,
@@ -147,4 +159,6 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         reset_query=values["RESET_QUERY"],
         peers=peers,
         check_interval=float(values["CHECK_INTERVAL"]),
+        stats_log_interval=values["STATS_LOG_INTERVAL"],
+        transaction_pooling=values["TRANSACTION_POOLING"],
     )

@@ -1,0 +1,201 @@
+"""Django system checks (``manage.py check``) for the mistakes users of the pool make.
+
+Registered when a django_db_geventpool backend is imported, which Django does during
+``django.setup()`` as soon as one model exists (it asks the default connection for
+its name length limits). A project whose default alias uses another ENGINE can add
+``"django_db_geventpool"`` to ``INSTALLED_APPS`` to get them as well.
+
+===============================  ======================================================
+``django_db_geventpool.E001``    a pool option has a wrong name, type or range
+``django_db_geventpool.E002``    ``OPTIONS["pool"]`` is set (Django's pool; one per alias)
+``django_db_geventpool.E003``    psycopg2 with no gevent wait callback and no psycogreen
+``django_db_geventpool.E004``    psycopg 3 imported before gevent patched ``select``
+``django_db_geventpool.W001``    ``CONN_MAX_AGE`` is not 0 (it has no effect: the pool keeps idle connections)
+``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
+===============================  ======================================================
+
+W002 needs the server: it runs when checks are given databases (``check --database
+default``, ``migrate``), like Django's own database checks. The number of processes
+comes from the setting ``GEVENTPOOL_EXPECTED_PROCESSES``, else from gunicorn's
+``WEB_CONCURRENCY`` environment variable, else 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections import defaultdict
+from typing import Any, Iterable
+
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
+
+__all__ = ["TAG", "check_pool_settings", "check_connection_budget", "expected_processes"]
+
+logger = logging.getLogger(__name__)
+
+TAG = "geventpool"
+_ID = "django_db_geventpool.{}"
+
+
+def _pooled_aliases() -> list[str]:
+    from django.db import connections
+
+    from .backends.base import PooledDatabaseWrapperMixin
+
+    return [
+        alias for alias in connections.settings
+        if isinstance(connections[alias], PooledDatabaseWrapperMixin)
+    ]
+
+
+def _uses_psycopg3() -> bool:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return is_psycopg3
+
+
+def _psycopg2_wait_callback_set() -> bool:
+    import psycopg2.extensions
+
+    return psycopg2.extensions.get_wait_callback() is not None
+
+
+def _psycogreen_installed() -> bool:
+    return importlib.util.find_spec("psycogreen") is not None
+
+
+@checks.register(TAG)
+def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Options, driver patching and ``CONN_MAX_AGE`` of every pooled alias (no I/O)."""
+    from django.db import connections
+
+    from .backends.drivers import Psycopg3Ops
+    from .backends.options import parse_pool_settings
+
+    messages: list[checks.CheckMessage] = []
+    aliases = _pooled_aliases()
+    for alias in aliases:
+        settings_dict = connections.settings[alias]
+        where = f"DATABASES[{alias!r}]"
+        if "pool" in (settings_dict.get("OPTIONS") or {}):
+            messages.append(checks.Error(
+                f"{where}['OPTIONS']['pool'] is set, but django_db_geventpool is already the "
+                "pool for this alias.",
+                hint="Remove 'pool'; size the pool with OPTIONS['MAX_CONNS'].",
+                id=_ID.format("E002"),
+            ))
+        else:
+            try:
+                parse_pool_settings(alias, settings_dict)
+            except ImproperlyConfigured as exc:
+                messages.append(checks.Error(str(exc), id=_ID.format("E001")))
+        max_age = settings_dict.get("CONN_MAX_AGE", 0)
+        if max_age != 0:
+            messages.append(checks.Warning(
+                f"{where}['CONN_MAX_AGE'] is {max_age!r}; with django_db_geventpool it has no "
+                "effect: every connection goes back to the pool when Django closes it, and the "
+                "pool keeps idle connections itself.",
+                hint="Set CONN_MAX_AGE to 0, and tune OPTIONS['MAX_IDLE'] / ['MAX_LIFETIME'] instead.",
+                id=_ID.format("W001"),
+            ))
+    if not aliases:
+        return messages
+    if _uses_psycopg3():
+        try:
+            Psycopg3Ops.ensure_cooperative(aliases[0])
+        except ImproperlyConfigured as exc:
+            messages.append(checks.Error(
+                str(exc), hint="gevent.monkey.patch_all() must run before anything imports psycopg.",
+                id=_ID.format("E004"),
+            ))
+    elif not _psycopg2_wait_callback_set() and not _psycogreen_installed():
+        messages.append(checks.Error(
+            f"DATABASES[{aliases[0]!r}] uses psycopg2, which has no gevent wait callback, and "
+            "psycogreen is not installed: every query would block all greenlets of the process.",
+            hint="pip install 'django-db-geventpool[psycopg2]' (it brings psycogreen); the pool "
+                 "installs its callback, and gunicorn.conf.py does it at start-up.",
+            id=_ID.format("E003"),
+        ))
+    return messages
+
+
+def expected_processes() -> int:
+    """How many processes will each hold a pool: setting, else ``WEB_CONCURRENCY``, else 1."""
+    from django.conf import settings
+
+    value = getattr(settings, "GEVENTPOOL_EXPECTED_PROCESSES", None)
+    if value is None:
+        value = os.environ.get("WEB_CONCURRENCY") or 1
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _server_limit(alias: str) -> int:
+    """Connections the server allows to non-superusers; one round trip, connection given back."""
+    from django.db import connections
+
+    wrapper = connections[alias]
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+            )
+            return cursor.fetchone()[0]
+    finally:
+        wrapper.close()
+
+
+@checks.register(checks.Tags.database, TAG)
+def check_connection_budget(
+    app_configs: Iterable[Any] | None = None, databases: Iterable[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """``MAX_CONNS`` x processes, summed per server, against the server's ``max_connections``."""
+    from django.db import connections
+
+    from .backends.options import parse_pool_settings
+
+    if not databases:
+        return []
+    asked = set(databases)
+    processes = expected_processes()
+    # Aliases on the same server share its max_connections.
+    by_server: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
+    for alias in _pooled_aliases():
+        settings_dict = connections.settings[alias]
+        try:
+            max_conns = parse_pool_settings(alias, settings_dict).max_conns
+        except ImproperlyConfigured:
+            continue  # reported by check_pool_settings
+        server = (settings_dict.get("HOST") or "", str(settings_dict.get("PORT") or ""))
+        by_server[server].append((alias, max_conns))
+    messages: list[checks.CheckMessage] = []
+    for (host, port), members in by_server.items():
+        probe = next((alias for alias, _ in members if alias in asked), None)
+        if probe is None:
+            continue
+        try:
+            limit = _server_limit(probe)
+        except (ImproperlyConfigured, DatabaseError) as exc:
+            # Unreachable or misconfigured: other checks (and Django's) say so.
+            logger.debug("connection budget of %r not checked: %s", probe, exc)
+            continue
+        per_process = sum(max_conns for _, max_conns in members)
+        total = per_process * processes
+        if total > limit:
+            detail = " + ".join(f"{alias!r}: {max_conns}" for alias, max_conns in members)
+            messages.append(checks.Warning(
+                f"The pools may open {total} connections to {host or 'localhost'}:{port or 5432} "
+                f"(MAX_CONNS {detail} = {per_process} per process x {processes} processes), "
+                f"but the server accepts {limit} (max_connections minus superuser_reserved_connections).",
+                hint="Lower MAX_CONNS, run fewer processes, raise max_connections, or put PgBouncer "
+                     "in front. The process count comes from GEVENTPOOL_EXPECTED_PROCESSES or "
+                     "WEB_CONCURRENCY.",
+                id=_ID.format("W002"),
+            ))
+    return messages

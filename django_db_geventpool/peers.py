@@ -1,0 +1,268 @@
+"""Several equivalent servers behind one pool: which one gets the next connection.
+
+Semantics, which the Django glue and the docs rely on:
+
+* **Equivalent peers.** Every peer serves the same data (pgbouncers in front of
+  one database, the nodes of an HAProxy/Patroni pair, replicas for a read-only
+  alias). A connection to any of them is as good as one to another.
+* **Choice.** A new connection goes to the healthy peer with the fewest
+  connections (open or being opened by this pool); ties are broken at random. So
+  connections are spread evenly over the peers, and a peer that comes back takes
+  the new connections until it has caught up.
+* **Down for a while.** A peer whose connect fails (a driver connect error) is
+  marked down (WARNING) and skipped for ``check_interval`` seconds; the same
+  checkout moves on to the next peer at once, so no request fails while another
+  peer is up.
+* **Retry.** A down peer becomes due again after ``check_interval``; the next new
+  connection tries it first (one checkout at a time: a peer is never probed by two
+  checkouts at once) and marks it up on success, or moves on to a healthy peer
+  and keeps it down for another ``check_interval``. At most one connect per peer
+  and interval is spent on a dead peer, whatever the traffic.
+* **All down.** When no peer is up or due, `AllPeersDown` is raised at once,
+  without a connect and without waiting for a free slot: its message names each
+  peer, since when it is down and its last error.
+
+Like `pool`, this module knows nothing of Django or of a driver: peers are names,
+connections are opened by a callable, and the driver's connect errors are given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import weakref
+from time import monotonic
+from typing import Any, Callable, Iterable, TypeVar
+
+from .errors import AllPeersDown
+
+__all__ = ["AllPeersDown", "Peer", "PeerCountingOps", "PeerSet", "PEER_STATS_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Per-peer stats keys are "peer.<name>.<suffix>".
+PEER_UP = "up"
+PEER_CONNECTIONS = "connections"
+PEER_CONNECTS = "connects"
+PEER_CONNECTS_FAILED = "connects_failed"
+PEER_STATS_SUFFIXES = (PEER_UP, PEER_CONNECTIONS, PEER_CONNECTS, PEER_CONNECTS_FAILED)
+
+
+class Peer:
+    """One server of a `PeerSet`, and what the pool knows of it."""
+
+    __slots__ = (
+        "name", "up", "down_since", "down_since_wall", "retry_at", "last_error",
+        "connects", "connects_failed", "connections", "opening", "probing",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = True
+        #: When the current outage began (monotonic, and wall clock for messages).
+        self.down_since: float | None = None
+        self.down_since_wall: float | None = None
+        #: When a down peer may be tried again (monotonic).
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.connects = 0
+        self.connects_failed = 0
+        #: Connections of the pool to this peer that are open now.
+        self.connections = 0
+        #: Connects to this peer in progress.
+        self.opening = 0
+        #: True while a checkout is retrying this (down) peer.
+        self.probing = False
+
+    def __repr__(self) -> str:
+        state = "up" if self.up else "down"
+        return f"<Peer {self.name!r} {state} connections={self.connections}>"
+
+
+class PeerSet:
+    """The peers of one pool; `open_connection` picks one and tracks the outcome."""
+
+    def __init__(
+        self,
+        name: str,
+        peer_names: Iterable[str],
+        *,
+        check_interval: float,
+        connect_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.name = name
+        self.peers = [Peer(peer_name) for peer_name in dict.fromkeys(peer_names)]
+        if not self.peers:
+            raise ValueError("a PeerSet needs at least one peer")
+        self.check_interval = check_interval
+        self.connect_errors = connect_errors
+        # Open connections by id(), with the object itself so the id cannot be
+        # reused while it is tracked.
+        self._peer_of: dict[int, tuple[Any, Peer]] = {}
+        _live_peer_sets.add(self)
+
+    # -- opening ----------------------------------------------------------------
+
+    def open_connection(self, open_on_peer: Callable[[str, bool], T], reconnect: bool) -> T:
+        """Open a connection on a chosen peer with ``open_on_peer(peer_name, reconnect)``.
+
+        A peer whose connect raises one of ``connect_errors`` is marked down and
+        the next peer is tried (with ``reconnect`` true). Any other exception
+        propagates and leaves the peer's state alone. Raises `AllPeersDown` when no
+        peer is left to try.
+        """
+        tried: list[Peer] = []
+        while True:
+            # Critical section: choose and reserve a peer; no yield in between.
+            peer = self._choose(tried)
+            if peer is None:
+                raise AllPeersDown(self._all_down_message())
+            tried.append(peer)
+            peer.opening += 1
+            probe = not peer.up
+            if probe:
+                peer.probing = True
+            try:
+                raw = open_on_peer(peer.name, reconnect or len(tried) > 1)
+            except self.connect_errors as exc:
+                self._mark_down(peer, exc)
+                continue
+            finally:
+                # (max: a forked child starts again from zero, see below)
+                peer.opening = max(peer.opening - 1, 0)
+                if probe:
+                    peer.probing = False
+            self._opened(peer, raw)
+            return raw
+
+    def _choose(self, tried: list[Peer]) -> Peer | None:
+        now = monotonic()
+        # A down peer that is due is tried first: otherwise it would never be
+        # retried while the others are healthy.
+        due = [
+            p for p in self.peers
+            if not p.up and not p.probing and now >= p.retry_at and p not in tried
+        ]
+        if due:
+            return random.choice(due)
+        healthy = [p for p in self.peers if p.up and p not in tried]
+        if not healthy:
+            return None
+        return min(healthy, key=lambda p: (p.connections + p.opening, random.random()))
+
+    def _opened(self, peer: Peer, raw: Any) -> None:
+        peer.connects += 1
+        peer.connections += 1
+        self._peer_of[id(raw)] = (raw, peer)
+        if not peer.up:
+            logger.info(
+                "pool %r: peer %r is up again after %.1fs",
+                self.name, peer.name, monotonic() - (peer.down_since or monotonic()),
+            )
+            peer.up = True
+            peer.down_since = peer.down_since_wall = None
+
+    def _mark_down(self, peer: Peer, exc: BaseException) -> None:
+        now = monotonic()
+        peer.connects_failed += 1
+        peer.last_error = " ".join(str(exc).split()) or type(exc).__name__
+        peer.retry_at = now + self.check_interval
+        if peer.up:
+            peer.up = False
+            peer.down_since = now
+            peer.down_since_wall = time.time()
+            logger.warning(
+                "pool %r: peer %r marked down for %.1fs: %s",
+                self.name, peer.name, self.check_interval, peer.last_error,
+            )
+        else:
+            logger.warning(
+                "pool %r: peer %r still down, next retry in %.1fs: %s",
+                self.name, peer.name, self.check_interval, peer.last_error,
+            )
+
+    def _all_down_message(self) -> str:
+        now = monotonic()
+        parts = []
+        # Every peer is down here: a tried peer either connected (and was
+        # returned) or failed with a connect error and was marked down.
+        for peer in self.peers:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(peer.down_since_wall or 0))
+            ago = now - (peer.down_since or now)
+            if peer.probing:
+                retry = "being retried by another checkout"
+            else:
+                retry = f"next retry in {max(peer.retry_at - now, 0.0):.1f}s"
+            parts.append(
+                f"{peer.name!r} down since {since} ({ago:.1f}s ago, {retry}), "
+                f"last error: {peer.last_error}"
+            )
+        return f"pool {self.name!r}: every peer is down: " + "; ".join(parts)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def closed(self, raw: Any) -> None:
+        """Forget a connection that was closed (unknown or already forgotten: no-op)."""
+        entry = self._peer_of.pop(id(raw), None)
+        if entry is not None:
+            entry[1].connections -= 1
+
+    def counting_ops(self, ops: Any) -> "PeerCountingOps":
+        """``ops`` (the pool's `DriverOps`), telling this set when a connection closes."""
+        return PeerCountingOps(ops, self)
+
+    def get_stats(self) -> dict[str, int]:
+        """``peer.<name>.up`` (1 or 0), ``.connections``, ``.connects``, ``.connects_failed``."""
+        stats: dict[str, int] = {}
+        for peer in self.peers:
+            prefix = f"peer.{peer.name}."
+            stats[prefix + PEER_UP] = int(peer.up)
+            stats[prefix + PEER_CONNECTIONS] = peer.connections
+            stats[prefix + PEER_CONNECTS] = peer.connects
+            stats[prefix + PEER_CONNECTS_FAILED] = peer.connects_failed
+        return stats
+
+
+class PeerCountingOps:
+    """A pool's `DriverOps` that also tells its `PeerSet` when a connection is closed.
+
+    The pool closes every connection it owns through ``driver.close`` (discard,
+    expiry, reset failure, pool close, fork), so this is where the per-peer count
+    of open connections goes down.
+    """
+
+    def __init__(self, ops: Any, peer_set: PeerSet) -> None:
+        self._ops = ops
+        self._peer_set = peer_set
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ops, name)
+
+    def close(self, raw: Any) -> None:
+        try:
+            self._ops.close(raw)
+        finally:
+            self._peer_set.closed(raw)
+
+
+# Every peer set of the process, so that a forked child does not inherit a
+# connect in progress: a peer left "probing" would never be retried there.
+_live_peer_sets: weakref.WeakSet[PeerSet] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for peer_set in list(_live_peer_sets):
+        # The pool forgets the parent's connections without closing them (see
+        # ConnectionPool._forget_after_fork), so their counts are dropped here.
+        peer_set._peer_of.clear()
+        for peer in peer_set.peers:
+            peer.opening = 0
+            peer.probing = False
+            peer.connections = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,22 @@
+"""Wait for something that happens in another greenlet, with a generous bound."""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import Callable
+
+import gevent
+
+__all__ = ["wait_until"]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Yield to the hub until ``predicate()`` is true; fail after ``timeout`` seconds.
+
+    The bound is a safety net against a hanging test, not a speed assertion.
+    """
+    deadline = monotonic() + timeout
+    while not predicate():
+        if monotonic() >= deadline:
+            raise AssertionError(f"still false after {timeout}s: {predicate!r}")
+        gevent.sleep(interval)

@@ -1,0 +1,217 @@
+"""An exhausted pool: bounded waits, a useful error, fair and lossless waiting."""
+
+from __future__ import annotations
+
+import re
+from time import monotonic
+
+import gevent
+import pytest
+from django.db import OperationalError, connection, transaction
+from gevent.event import Event
+
+from django_db_geventpool import PoolTimeout, get_stats
+from tests.eventually import wait_until
+from tests.helpers import query, raw_connect
+
+
+def _backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def _hold(seconds: float, holding: Event | None = None) -> None:
+    """A request that keeps its connection busy in the server for ``seconds``."""
+    try:
+        with connection.cursor() as cursor:
+            if holding is not None:
+                holding.set()
+            cursor.execute("SELECT pg_sleep(%s)", [seconds])
+    finally:
+        connection.close()
+
+
+def _start_holders(count: int, seconds: float) -> list[gevent.Greenlet]:
+    holders = []
+    for _ in range(count):
+        holding = Event()
+        holders.append(gevent.spawn(_hold, seconds, holding))
+        holding.wait(5)
+    return holders
+
+
+def test_checkout_times_out_with_a_message_that_explains(configure_pool):
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=0.5)
+    holders = _start_holders(2, 1.5)
+
+    started = monotonic()
+    with pytest.raises(PoolTimeout) as excinfo:
+        connection.ensure_connection()
+    waited = monotonic() - started
+
+    error = excinfo.value
+    assert isinstance(error, OperationalError)
+    assert isinstance(error, TimeoutError)
+    message = str(error)
+    assert "'default'" in message
+    assert "MAX_CONNS=2" in message
+    assert "2 in use" in message
+    assert "0 other checkouts waiting" in message
+    reported = re.search(r"after (\d+\.\d+)s", message)
+    assert reported is not None
+    # Lower bounds only (timers may fire a few ms early on the loop's clock).
+    assert float(reported.group(1)) >= 0.45
+    assert waited >= 0.45
+    assert waited < 10  # sanity bound only: it did not wait for the holders
+    gevent.joinall(holders, raise_error=True)
+    assert get_stats()["requests_errors"] == 1
+    # The pool is fine afterwards.
+    assert _backend_pid() > 0
+
+
+def test_message_counts_the_other_waiters(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.3)
+    holders = _start_holders(1, 1.0)
+    first = gevent.spawn(connection.ensure_connection)
+    gevent.sleep(0.05)
+    # The first waiter gives up while the second still waits, and says so.
+    with pytest.raises(PoolTimeout, match="0 other checkouts waiting"):
+        connection.ensure_connection()
+    with pytest.raises(PoolTimeout, match="1 other checkouts waiting"):
+        first.get()
+    gevent.joinall(holders, raise_error=True)
+
+
+def test_waiter_is_served_when_a_holder_connection_is_discarded(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
+    holder_pid = []
+    holding = Event()
+    release = Event()
+
+    def holder_closes_inside_atomic():
+        with transaction.atomic():
+            holder_pid.append(_backend_pid())
+            holding.set()
+            release.wait(5)
+            # Closed inside atomic(): the pool must discard it, not reuse it.
+            connection.close()
+
+    def waiter():
+        try:
+            return _backend_pid()
+        finally:
+            connection.close()
+
+    holder = gevent.spawn(holder_closes_inside_atomic)
+    holding.wait(5)
+    waiting = gevent.spawn(waiter)
+    gevent.sleep(0.05)
+    assert get_stats()["requests_waiting"] == 1
+    release.set()
+    waiter_pid = waiting.get(timeout=5)
+    holder.get(timeout=5)
+    assert waiter_pid != holder_pid[0]
+    stats = get_stats()
+    assert stats["connections_num"] == 2
+    assert stats["requests_errors"] == 0
+    assert stats["pool_size"] == 1
+
+
+def test_waiter_is_served_when_the_holder_gives_back_a_terminated_connection(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
+    holder_pid = []
+    holding = Event()
+    killed = Event()
+
+    def holder():
+        try:
+            holder_pid.append(_backend_pid())
+            holding.set()
+            killed.wait(5)
+            with pytest.raises(OperationalError):
+                _backend_pid()
+        finally:
+            connection.close()
+
+    def waiter():
+        try:
+            return _backend_pid()
+        finally:
+            connection.close()
+
+    holding_greenlet = gevent.spawn(holder)
+    holding.wait(5)
+    waiting = gevent.spawn(waiter)
+    gevent.sleep(0.05)
+    observer = raw_connect()
+    try:
+        query(observer, "SELECT pg_terminate_backend(%s)", [holder_pid[0]])
+    finally:
+        observer.close()
+    killed.set()
+    holding_greenlet.get(timeout=5)
+    assert waiting.get(timeout=5) != holder_pid[0]
+    assert get_stats()["pool_size"] == 1
+
+
+def test_waiters_are_served_in_arrival_order(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
+    holders = _start_holders(1, 0.2)
+    order = []
+
+    def request(number):
+        try:
+            _backend_pid()
+            order.append(number)
+        finally:
+            connection.close()
+
+    waiters = []
+    for number in range(6):
+        waiters.append(gevent.spawn(request, number))
+        gevent.sleep(0.01)
+    gevent.joinall(holders + waiters, raise_error=True)
+    assert order == list(range(6))
+
+
+def test_killed_waiter_does_not_lose_the_slot(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
+    holders = _start_holders(1, 0.3)
+    doomed = gevent.spawn(connection.ensure_connection)
+    gevent.sleep(0.05)
+    assert get_stats()["requests_waiting"] == 1
+    doomed.kill()
+    gevent.joinall(holders, raise_error=True)
+    stats = get_stats()
+    assert stats["requests_waiting"] == 0
+    assert stats["pool_available"] == 1
+    assert stats["pool_size"] == 1
+    # With MAX_CONNS=1 this only succeeds if the slot came back.
+    assert gevent.spawn(_hold, 0).get(timeout=5) is None
+    assert get_stats()["requests_errors"] == 0
+
+
+def test_waiter_killed_as_it_is_served_does_not_lose_the_slot(configure_pool):
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
+    release = Event()
+    holding = Event()
+
+    def holder():
+        try:
+            _backend_pid()
+            holding.set()
+            release.wait(5)
+        finally:
+            connection.close()
+
+    holding_greenlet = gevent.spawn(holder)
+    holding.wait(5)
+    doomed = gevent.spawn(connection.ensure_connection)
+    gevent.sleep(0.05)
+    release.set()
+    holding_greenlet.join(5)  # the slot is handed to the waiter here
+    doomed.kill()
+    wait_until(lambda: get_stats()["pool_available"] == 1)
+    assert get_stats()["pool_size"] == 1
+    assert gevent.spawn(_hold, 0).get(timeout=5) is None

@@ -1,0 +1,182 @@
+"""Pool options: each bad value rejected with a message naming alias and option."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+from django.db.backends.postgresql.base import DatabaseWrapper as DjangoPostgreSQLWrapper
+
+from django_db_geventpool import get_stats
+from django_db_geventpool.backends.options import POOL_OPTION_NAMES, parse_pool_settings
+
+BAD_VALUES = [
+    # option, value, what the message must mention
+    ("MAX_CONNS", 0, "integer >= 1"),
+    ("MAX_CONNS", -3, "integer >= 1"),
+    ("MAX_CONNS", 2.5, "integer >= 1"),
+    ("MAX_CONNS", "10", "integer >= 1"),
+    ("MAX_CONNS", True, "integer >= 1"),
+    ("MAX_CONNS", None, "integer >= 1"),
+    ("REUSE_CONNS", -1, "integer >= 0"),
+    ("REUSE_CONNS", "2", "integer >= 0"),
+    ("REUSE_CONNS", False, "integer >= 0"),
+    ("REUSE_CONNS", 1.0, "integer >= 0"),
+    ("POOL_TIMEOUT", 0, "> 0"),
+    ("POOL_TIMEOUT", -1.5, "> 0"),
+    ("POOL_TIMEOUT", "5", "> 0"),
+    ("POOL_TIMEOUT", True, "> 0"),
+    ("POOL_TIMEOUT", None, "> 0"),
+    ("HEALTH_CHECK_DELAY", -0.1, ">= 0"),
+    ("HEALTH_CHECK_DELAY", "1", ">= 0"),
+    ("HEALTH_CHECK_DELAY", True, ">= 0"),
+    ("MAX_LIFETIME", 0, "> 0"),
+    ("MAX_LIFETIME", "3600", "> 0"),
+    ("MAX_LIFETIME", False, "> 0"),
+    ("MAX_IDLE", 0, "> 0"),
+    ("MAX_IDLE", [600], "> 0"),
+    ("MAX_IDLE", True, "> 0"),
+    ("LEAK_TIMEOUT", 0, "> 0"),
+    ("LEAK_TIMEOUT", "30", "> 0"),
+    ("LEAK_TIMEOUT", True, "> 0"),
+    ("CONNECT_RETRIES", -1, "integer >= 0"),
+    ("CONNECT_RETRIES", 1.5, "integer >= 0"),
+    ("CONNECT_RETRIES", True, "integer >= 0"),
+    ("CONNECT_RETRIES", None, "integer >= 0"),
+    ("CONNECT_RETRY_DELAY", -0.1, ">= 0"),
+    ("CONNECT_RETRY_DELAY", "0.1", ">= 0"),
+    ("CONNECT_RETRY_DELAY", True, ">= 0"),
+    ("CONNECT_RETRY_DELAY", None, ">= 0"),
+    ("RESET_QUERY", "", "SQL string"),
+    ("RESET_QUERY", "   ", "SQL string"),
+    ("RESET_QUERY", 1, "SQL string"),
+    ("RESET_QUERY", True, "SQL string"),
+    ("PEERS", "replica", "list of other DATABASES aliases"),
+    ("PEERS", ["replica", 3], "list of other DATABASES aliases"),
+    ("PEERS", [""], "list of other DATABASES aliases"),
+    ("CHECK_INTERVAL", 0, "> 0"),
+    ("CHECK_INTERVAL", "30", "> 0"),
+    ("CHECK_INTERVAL", True, "> 0"),
+    ("CHECK_INTERVAL", None, "> 0"),
+    ("STATS_LOG_INTERVAL", 0, "> 0"),
+    ("STATS_LOG_INTERVAL", "60", "> 0"),
+    ("STATS_LOG_INTERVAL", True, "> 0"),
+    ("TRANSACTION_POOLING", 1, "True"),
+    ("TRANSACTION_POOLING", "yes", "True"),
+    ("TRANSACTION_POOLING", None, "True"),
+]
+
+
+def _settings(**options) -> dict:
+    return {"NAME": "db", "OPTIONS": options}
+
+
+@pytest.mark.parametrize("option, value, accepted", BAD_VALUES)
+def test_bad_value_is_rejected_naming_alias_and_option(option, value, accepted):
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_pool_settings("reporting", _settings(**{option: value}))
+    message = str(excinfo.value)
+    assert "DATABASES['reporting']" in message
+    assert repr(option) in message
+    assert accepted in message
+    assert repr(value) in message
+
+
+def test_every_option_has_a_bad_value_case():
+    # A new option needs its bad values listed above.
+    assert {option for option, _, _ in BAD_VALUES} == set(POOL_OPTION_NAMES)
+
+
+def test_good_values_are_accepted():
+    settings = parse_pool_settings("default", _settings(
+        MAX_CONNS=8, REUSE_CONNS=0, POOL_TIMEOUT=1, HEALTH_CHECK_DELAY=0, MAX_LIFETIME=None,
+        MAX_IDLE=None, LEAK_TIMEOUT=2.5, CONNECT_RETRIES=0, CONNECT_RETRY_DELAY=0,
+        RESET_QUERY="DISCARD ALL", PEERS=["replica"], CHECK_INTERVAL=5,
+    ))
+    assert settings.max_conns == 8
+    assert settings.reuse_conns == 0
+    assert settings.health_check_delay == 0
+    assert settings.pool_timeout == 1.0
+    assert settings.peers == ("replica",)
+
+
+def test_defaults_follow_the_design():
+    settings = parse_pool_settings("default", _settings())
+    assert settings.max_conns == 4
+    assert settings.reuse_conns == 4
+    assert settings.pool_timeout == 30.0
+    assert settings.health_check_delay == 1.0
+    assert settings.max_lifetime == 3600.0
+    assert settings.max_idle == 600.0
+    assert settings.leak_timeout is None
+    assert settings.connect_retries == 1
+    assert settings.connect_retry_delay == 0.1
+    assert settings.reset_query is None
+    assert settings.peers == ()
+    assert settings.check_interval == 30.0
+
+
+def test_reuse_conns_above_max_conns_is_rejected():
+    with pytest.raises(ImproperlyConfigured, match=r"\['REUSE_CONNS'\] must be at most MAX_CONNS \(2\)"):
+        parse_pool_settings("default", _settings(MAX_CONNS=2, REUSE_CONNS=3))
+
+
+def test_unknown_upper_case_option_gets_a_suggestion():
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_pool_settings("default", _settings(MAX_CONN=10))
+    message = str(excinfo.value)
+    assert "DATABASES['default']" in message
+    assert "['MAX_CONN'] is not a django_db_geventpool option" in message
+    assert "did you mean 'MAX_CONNS'?" in message
+
+
+def test_djangos_own_pool_option_is_refused():
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_pool_settings("default", _settings(pool={"min_size": 2}))
+    message = str(excinfo.value)
+    assert "DATABASES['default']['OPTIONS']['pool']" in message
+    assert "MAX_CONNS" in message
+
+
+def test_top_level_peers_are_validated_too():
+    with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['default'\]\['PEERS'\]"):
+        parse_pool_settings("default", {"NAME": "db", "OPTIONS": {}, "PEERS": "replica"})
+
+
+def test_bad_option_surfaces_at_the_first_query(configure_pool):
+    configure_pool(POOL_TIMEOUT="soon")
+    with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['default'\]\['OPTIONS'\]\['POOL_TIMEOUT'\]"):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+
+def test_djangos_pool_option_surfaces_at_the_first_query(configure_pool):
+    configure_pool(pool=True)
+    with pytest.raises(ImproperlyConfigured, match="'pool'"):
+        connection.ensure_connection()
+
+
+def test_pool_options_never_reach_the_driver(configure_pool):
+    configure_pool(
+        MAX_CONNS=3, REUSE_CONNS=2, POOL_TIMEOUT=5, HEALTH_CHECK_DELAY=None, MAX_LIFETIME=60,
+        MAX_IDLE=30, LEAK_TIMEOUT=60, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.2,
+        RESET_QUERY="DISCARD ALL", CHECK_INTERVAL=10,
+    )
+    seen: list[dict] = []
+    real = DjangoPostgreSQLWrapper.get_new_connection
+
+    def spy(self, conn_params):
+        seen.append(dict(conn_params))
+        return real(self, conn_params)
+
+    with mock.patch.object(DjangoPostgreSQLWrapper, "get_new_connection", spy):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('application_name')")
+            assert cursor.fetchone() == ("geventpool-test",)  # driver options still pass
+    connection.close()
+    assert len(seen) == 1
+    assert not set(seen[0]) & set(POOL_OPTION_NAMES)
+    assert not set(connection.get_connection_params()) & set(POOL_OPTION_NAMES)
+    assert get_stats()["pool_max"] == 3

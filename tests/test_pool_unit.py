@@ -1,0 +1,389 @@
+"""The pool's own logic, with a fake driver and no server.
+
+A fake connection owns one end of a socket pair: closing the other end is what a
+server going away looks like to the pool's local health check.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import pytest
+
+from django_db_geventpool.errors import PoolClosed, PoolTimeout
+from django_db_geventpool.pool import ConnectionPool, TransactionStatus
+from tests.eventually import wait_until
+
+
+class FakeConnectError(Exception):
+    """What the fake driver raises when a connect fails."""
+
+
+class FakeConnection:
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.client, self.server = socket.socketpair()
+        self.closed = False
+        self.status = TransactionStatus.IDLE
+        self.autocommit = True
+        self.pings = 0
+        self.rollbacks = 0
+        self.executed: list[str] = []
+        self.fail_rollback = False
+        self.cancelled = False
+
+    def server_goes_away(self) -> None:
+        self.server.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.client.close()
+
+
+class FakeDriver:
+    connect_errors = (FakeConnectError,)
+
+    def is_closed(self, raw: FakeConnection) -> bool:
+        return raw.closed
+
+    def fileno(self, raw: FakeConnection) -> int:
+        return raw.client.fileno()
+
+    def transaction_status(self, raw: FakeConnection) -> int:
+        return raw.status
+
+    def ping(self, raw: FakeConnection) -> None:
+        raw.pings += 1
+        if raw.server.fileno() == -1:
+            raise FakeConnectError("server closed the connection unexpectedly")
+
+    def rollback(self, raw: FakeConnection) -> None:
+        if raw.fail_rollback:
+            raise FakeConnectError("rollback failed")
+        raw.rollbacks += 1
+        raw.status = TransactionStatus.IDLE
+
+    def restore_autocommit(self, raw: FakeConnection) -> None:
+        raw.autocommit = True
+
+    def execute(self, raw: FakeConnection, sql: str) -> None:
+        raw.executed.append(sql)
+
+    def close(self, raw: FakeConnection) -> None:
+        raw.close()
+
+    def cancel(self, raw: FakeConnection) -> None:
+        raw.cancelled = True
+
+
+class Server:
+    """Opens fake connections; optionally slow (yields) or failing."""
+
+    def __init__(self, connect_delay: float = 0.0) -> None:
+        self.opened: list[FakeConnection] = []
+        self.connect_delay = connect_delay
+        self.failures_left = 0
+        self.reconnect_flags: list[bool] = []
+
+    def open(self, reconnect: bool) -> FakeConnection:
+        self.reconnect_flags.append(reconnect)
+        if self.connect_delay:
+            gevent.sleep(self.connect_delay)
+        if self.failures_left:
+            self.failures_left -= 1
+            raise FakeConnectError("connection refused")
+        conn = FakeConnection(len(self.opened))
+        self.opened.append(conn)
+        return conn
+
+    @property
+    def open_now(self) -> int:
+        return sum(not c.closed for c in self.opened)
+
+
+def make_pool(**kwargs) -> ConnectionPool:
+    kwargs.setdefault("max_size", 2)
+    kwargs.setdefault("timeout", 5.0)
+    return ConnectionPool("unit", FakeDriver(), **kwargs)
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server()
+
+
+def test_cap_holds_when_connects_yield():
+    server = Server(connect_delay=0.01)
+    pool = make_pool(max_size=4)
+    peak = []
+
+    def request():
+        lease = pool.checkout(server.open)
+        peak.append(server.open_now)
+        gevent.sleep(0.001)
+        pool.checkin(lease)
+
+    gevent.joinall([gevent.spawn(request) for _ in range(50)], raise_error=True)
+    assert max(peak) <= 4
+    assert len(server.opened) == 4
+    assert pool.get_stats()["pool_size"] == 4
+
+
+def test_waiters_are_served_first_come_first_served(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    served = []
+
+    def wait_in_line(number):
+        lease = pool.checkout(server.open)
+        served.append(number)
+        pool.checkin(lease)
+
+    waiters = []
+    for number in range(5):
+        waiters.append(gevent.spawn(wait_in_line, number))
+        gevent.sleep(0)  # queue up in spawn order
+    assert pool.get_stats()["requests_waiting"] == 5
+    pool.checkin(holder)
+    gevent.joinall(waiters, raise_error=True)
+    assert served == [0, 1, 2, 3, 4]
+    assert len(server.opened) == 1
+
+
+def test_a_newcomer_does_not_overtake_queued_waiters(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    served = []
+
+    def take(name):
+        lease = pool.checkout(server.open)
+        served.append(name)
+        pool.checkin(lease)
+
+    first = gevent.spawn(take, "queued")
+    gevent.sleep(0)
+    pool.checkin(holder)
+    # The slot is now promised to the queued waiter, which has not run yet.
+    late = gevent.spawn(take, "newcomer")
+    gevent.joinall([first, late], raise_error=True)
+    assert served == ["queued", "newcomer"]
+
+
+def test_discard_hands_the_slot_to_a_waiter(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    waiter = gevent.spawn(pool.checkout, server.open)
+    gevent.sleep(0)
+    pool.discard(holder)
+    lease = waiter.get(timeout=5)
+    assert lease.connection is not holder.connection
+    assert holder.connection.closed
+    assert len(server.opened) == 2
+    pool.checkin(lease)
+    assert pool.get_stats()["pool_size"] == 1
+
+
+def test_timed_out_waiter_is_never_served(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    with pytest.raises(PoolTimeout) as excinfo:
+        pool.checkout(server.open, timeout=0.05)
+    assert "MAX_CONNS=1" in str(excinfo.value)
+    pool.checkin(holder)
+    stats = pool.get_stats()
+    assert stats["requests_waiting"] == 0
+    assert stats["pool_available"] == 1  # kept idle, not handed to the dead waiter
+    assert stats["requests_errors"] == 1
+    assert pool.checkout(server.open, timeout=0.05).connection is holder.connection
+
+
+def test_killed_waiter_gives_up_its_place(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    waiter = gevent.spawn(pool.checkout, server.open)
+    gevent.sleep(0)
+    waiter.kill()
+    pool.checkin(holder)
+    stats = pool.get_stats()
+    assert stats["requests_waiting"] == 0
+    assert stats["pool_available"] == 1
+
+
+def test_waiter_killed_after_being_served_passes_the_connection_on(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    waiter = gevent.spawn(pool.checkout, server.open)
+    gevent.sleep(0)
+    pool.checkin(holder)  # served, but the waiter has not run yet
+    waiter.kill()
+    # Whether the kill lands before or after the waiter resumed, the
+    # connection comes back (handed on, or reclaimed when the greenlet ends).
+    wait_until(lambda: pool.get_stats()["pool_available"] == 1)
+    assert pool.checkout(server.open, timeout=0.05).connection is holder.connection
+
+
+def test_over_release_raises():
+    pool = make_pool()
+    with pytest.raises(AssertionError, match="released more often than taken"):
+        pool._release_slot()
+
+
+def test_reuse_size_closes_the_surplus(server):
+    pool = make_pool(max_size=3, reuse_size=1)
+    leases = [pool.checkout(server.open) for _ in range(3)]
+    for lease in leases:
+        pool.checkin(lease)
+    stats = pool.get_stats()
+    assert stats["pool_available"] == 1
+    assert stats["pool_size"] == 1
+    assert server.open_now == 1
+
+
+def test_connection_past_its_lifetime_is_replaced(server):
+    pool = make_pool(max_lifetime=0.05, max_idle=None)
+    first = pool.checkout(server.open)
+    pool.checkin(first)
+    gevent.sleep(0.08)
+    second = pool.checkout(server.open)
+    assert second.connection is not first.connection
+    assert first.connection.closed
+    assert pool.get_stats()["connections_expired"] >= 1
+
+
+def test_connection_returned_after_its_lifetime_is_closed(server):
+    pool = make_pool(max_lifetime=0.05, max_idle=None)
+    lease = pool.checkout(server.open)
+    gevent.sleep(0.08)
+    pool.checkin(lease)
+    assert lease.connection.closed
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_idle_connection_past_max_idle_is_swept(server):
+    pool = make_pool(max_idle=0.05, max_lifetime=None)
+    lease = pool.checkout(server.open)
+    pool.checkin(lease)
+    gevent.sleep(0.08)
+    assert pool.sweep() == 1
+    assert lease.connection.closed
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_stale_lease_is_a_no_op(server):
+    pool = make_pool(max_size=1)
+    lease = pool.checkout(server.open)
+    pool.checkin(lease)
+    again = pool.checkout(server.open)
+    assert again.connection is lease.connection
+    pool.checkin(lease)  # stale: must not give back the new holder's connection
+    pool.discard(lease)
+    assert not lease.active
+    assert again.active
+    assert not again.connection.closed
+    assert pool.get_stats()["pool_available"] == 0
+    pool.checkin(again)
+    assert pool.get_stats()["pool_available"] == 1
+
+
+def test_close_wakes_waiters_with_pool_closed(server):
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)
+    waiters = [gevent.spawn(pool.checkout, server.open) for _ in range(3)]
+    gevent.sleep(0)
+    pool.close()
+    gevent.joinall(waiters)
+    assert all(isinstance(w.exception, PoolClosed) for w in waiters)
+    with pytest.raises(PoolClosed):
+        pool.checkout(server.open)
+    pool.checkin(holder)
+    assert holder.connection.closed
+
+
+def test_server_gone_while_idle_is_replaced_without_error(server):
+    pool = make_pool(health_check_delay=None)
+    lease = pool.checkout(server.open)
+    pool.checkin(lease)
+    lease.connection.server_goes_away()
+    fresh = pool.checkout(server.open)
+    assert fresh.connection is not lease.connection
+    assert lease.connection.closed
+    assert server.reconnect_flags[-1] is True
+    stats = pool.get_stats()
+    assert stats["connections_lost"] == 1
+    assert stats["requests_errors"] == 0
+
+
+def test_health_check_round_trip_only_after_the_delay(server):
+    pool = make_pool(health_check_delay=0.05)
+    lease = pool.checkout(server.open)
+    pool.checkin(lease)
+    pool.checkin(pool.checkout(server.open))
+    assert lease.connection.pings == 0
+    gevent.sleep(0.08)
+    pool.checkin(pool.checkout(server.open))
+    assert lease.connection.pings == 1
+    assert pool.get_stats()["checks_roundtrip"] == 1
+
+
+@pytest.mark.parametrize(
+    "status, reused",
+    [
+        (TransactionStatus.INTRANS, True),
+        (TransactionStatus.INERROR, True),
+        (TransactionStatus.ACTIVE, False),
+        (TransactionStatus.UNKNOWN, False),
+    ],
+)
+def test_dirty_return_is_rolled_back_or_closed(server, status, reused):
+    pool = make_pool(reset_query="DISCARD ALL")
+    lease = pool.checkout(server.open)
+    raw = lease.connection
+    raw.status = status
+    raw.autocommit = False
+    pool.checkin(lease)
+    assert raw.closed is not reused
+    if reused:
+        assert raw.rollbacks == 1
+        assert raw.autocommit is True
+        assert raw.status == TransactionStatus.IDLE
+        assert raw.executed == ["DISCARD ALL"]
+    else:
+        assert pool.get_stats()["returns_bad"] == 1
+    # A query still running in the server is cancelled before the close.
+    assert raw.cancelled is (status == TransactionStatus.ACTIVE)
+    assert pool.get_stats()["pool_size"] == (1 if reused else 0)
+
+
+def test_failed_rollback_closes_the_connection(server):
+    pool = make_pool()
+    lease = pool.checkout(server.open)
+    lease.connection.status = TransactionStatus.INERROR
+    lease.connection.fail_rollback = True
+    pool.checkin(lease)
+    assert lease.connection.closed
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_connect_is_retried_then_the_error_frees_the_slot(server):
+    pool = make_pool(max_size=1, connect_retries=1, connect_retry_delay=0.01)
+    server.failures_left = 1
+    lease = pool.checkout(server.open)
+    assert server.reconnect_flags == [False, True]
+    pool.discard(lease)
+    server.failures_left = 2
+    with pytest.raises(FakeConnectError):
+        pool.checkout(server.open)
+    stats = pool.get_stats()
+    assert stats["connections_errors"] == 3
+    assert stats["pool_size"] == 0
+    assert pool.checkout(server.open, timeout=0.05).active
+
+
+def test_holder_greenlet_ending_without_checkin_is_reclaimed(server):
+    pool = make_pool(max_size=1)
+    leases = []
+    gevent.spawn(lambda: leases.append(pool.checkout(server.open))).join()
+    wait_until(lambda: pool.get_stats()["connections_reclaimed"] == 1)
+    assert not leases[0].active
+    assert pool.get_stats()["pool_available"] == 1
