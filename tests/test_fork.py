@@ -1,0 +1,169 @@
+"""Fork safety: a child never uses, closes or writes to its parent's connections.
+
+The parent forks (``os.fork()``, gevent's) while it holds a connection, while a
+greenlet of its is in the middle of a query, and while idle connections sit in
+its pool. The child must start with an empty pool, open its own connections, and
+close everything it has on the way out; meanwhile and afterwards the parent keeps
+querying on the very same server connections (same backend pids) without an
+error.
+"""
+
+import gc
+import json
+import logging
+import os
+import signal
+import traceback
+
+import gevent
+import gevent.os
+import pytest
+from django.db import connection, connections
+
+from django_db_geventpool import get_stats
+from tests.helpers import pool_backends, raw_connect
+
+logger = logging.getLogger(__name__)
+
+
+def _backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def _pooled_query_pids(count: int) -> list[int]:
+    """``count`` requests in a row from a fresh greenlet each; their backend pids."""
+    pids = []
+
+    def request():
+        pids.append(_backend_pid())
+        connection.close()
+
+    for _ in range(count):
+        gevent.spawn(request).get()
+    return pids
+
+
+def _open_idle_connections(count: int) -> set[int]:
+    """Open ``count`` connections at once and leave them idle in the pool; their pids."""
+    pids = []
+
+    def hold():
+        pids.append(_backend_pid())
+        gevent.sleep(0.02)
+        connection.close()
+
+    gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
+    return set(pids)
+
+
+def _child(report_fd: int) -> None:
+    """Runs in the forked child; reports to the parent through ``report_fd``."""
+    report = {}
+    try:
+        report["stats_at_start"] = get_stats()
+        report["held_connection_forgotten"] = connection.connection is None
+        report["pids"] = [_backend_pid()]
+        connection.close()
+        report["pids"] += _pooled_query_pids(3)
+        report["stats_at_end"] = get_stats()
+        # Leave the way a well-behaved worker does: close everything, collect.
+        connections.close_all()
+        connections["default"].close_pool()
+        gc.collect()
+        report["ok"] = True
+    except BaseException:
+        report["error"] = traceback.format_exc()
+    finally:
+        os.write(report_fd, json.dumps(report).encode())
+        os._exit(0)
+
+
+def _read_all(fd: int) -> bytes:
+    gevent.os.make_nonblocking(fd)
+    chunks = []
+    while True:
+        chunk = gevent.os.nb_read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+@pytest.mark.parametrize("query_in_flight", [False, True], ids=["idle", "query-in-flight"])
+def test_child_never_touches_the_parents_connections(configure_pool, query_in_flight):
+    configure_pool(MAX_CONNS=3)
+    parent_side = _open_idle_connections(3)
+    held_pid = _backend_pid()  # held by this greenlet across the fork
+    in_flight = None
+    if query_in_flight:
+        # A parent greenlet in the middle of a query when the fork happens (its
+        # driver may hold the connection's lock at that moment).
+        def slow_query():
+            pid = _backend_pid()
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(0.3)")
+            connection.close()
+            return pid
+
+        in_flight = gevent.spawn(slow_query)
+        gevent.sleep(0.05)
+    stats_before = get_stats()
+
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_fd)
+        _child(write_fd)
+    os.close(write_fd)
+
+    # The parent keeps working while the child runs and exits.
+    parent_errors = []
+    parent_pids = []
+
+    def keep_querying():
+        try:
+            parent_pids.extend(_pooled_query_pids(20))
+        except Exception as exc:
+            parent_errors.append(exc)
+
+    worker = gevent.spawn(keep_querying)
+    held_pids_meanwhile = [_backend_pid() for _ in range(20)]
+    with gevent.Timeout(30, RuntimeError("the child did not finish")):
+        try:
+            report = json.loads(_read_all(read_fd) or b"{}")
+            _, status = os.waitpid(child, 0)
+        except BaseException:
+            os.kill(child, signal.SIGKILL)
+            raise
+        finally:
+            os.close(read_fd)
+    worker.join()
+    if in_flight is not None:
+        assert in_flight.get(timeout=10) in parent_side
+
+    assert report.get("ok"), report.get("error", report)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    # The child started empty and used only its own connections.
+    assert report["stats_at_start"]["pool_size"] == 0
+    assert report["stats_at_start"]["pool_available"] == 0
+    assert report["held_connection_forgotten"] is True
+    assert not set(report["pids"]) & parent_side
+    assert report["stats_at_end"]["pool_size"] <= 3
+
+    # The parent never noticed: same server connections, no errors, none lost.
+    assert parent_errors == []
+    assert set(held_pids_meanwhile) == {held_pid}
+    assert _backend_pid() == held_pid
+    assert set(parent_pids) <= parent_side
+    stats = get_stats()
+    assert stats["connections_lost"] == 0
+    assert stats["requests_errors"] == 0
+    assert stats["connections_num"] == stats_before["connections_num"]
+    observer = raw_connect()
+    try:
+        alive = {pid for pid, _ in pool_backends(observer)}
+    finally:
+        observer.close()
+    assert parent_side <= alive
+    assert not set(report["pids"]) & alive  # the child's own connections were closed

@@ -1,0 +1,257 @@
+"""Reconnect hooks and signals, connect retries, and a password rotated under load.
+
+A second PostgreSQL cluster with ``scram-sha-256`` authentication serves the
+``rotating`` alias, logging in as a role whose password a stand-in secrets store
+(Vault, say) rotates: ``ALTER ROLE ... PASSWORD``, then the role's sessions are
+terminated. A pre-reconnect hook copies the current password from the store into
+``dbwrapper.settings_dict``; no request that starts after the rotation fails.
+"""
+
+import copy
+import logging
+from time import monotonic
+
+import gevent
+import pytest
+from django.db import OperationalError, connections
+
+from django_db_geventpool import get_stats, signals
+from tests.load import Load
+from tests.pgserver import PostgresCluster
+
+logger = logging.getLogger(__name__)
+
+ALIAS = "rotating"
+ROLE = "rotapp"
+DBNAME = "rotdb"
+APPLICATION_NAME = "geventpool-rotation"
+
+
+class SecretsStore:
+    """A stand-in for Vault: the current password of each role, and who asked."""
+
+    def __init__(self, passwords: dict[str, str]) -> None:
+        self._passwords = dict(passwords)
+        self.reads = 0
+
+    def read(self, role: str) -> str:
+        self.reads += 1
+        return self._passwords[role]
+
+    def write(self, role: str, password: str) -> None:
+        self._passwords[role] = password
+
+
+@pytest.fixture(scope="module")
+def scram_cluster():
+    server = PostgresCluster(auth="scram-sha-256")
+    server.start()
+    server.psql(f"CREATE ROLE {ROLE} LOGIN PASSWORD 'first-secret'")
+    server.psql(f"CREATE DATABASE {DBNAME} OWNER {ROLE}")
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def rotating(scram_cluster, fresh_pool):
+    """The ``rotating`` alias (added to DATABASES for this test) and its cluster."""
+    scram_cluster.psql(f"ALTER ROLE {ROLE} PASSWORD 'first-secret'")
+    entry = copy.deepcopy(connections.settings["default"])
+    entry.update(
+        NAME=DBNAME, USER=ROLE, PASSWORD="first-secret", HOST=scram_cluster.host,
+        PORT=str(scram_cluster.port),
+        OPTIONS={"MAX_CONNS": 4, "application_name": APPLICATION_NAME},
+    )
+    connections.settings[ALIAS] = entry
+    try:
+        yield scram_cluster
+    finally:
+        connections[ALIAS].close()
+        connections[ALIAS].close_pool()
+        del connections[ALIAS]
+        del connections.settings[ALIAS]
+
+
+@pytest.fixture
+def hooks():
+    """Add reconnect hooks for one test: ``hooks.pre(fn)``, ``hooks.post(fn)``."""
+    added = []
+
+    class Hooks:
+        @staticmethod
+        def pre(hook):
+            signals.add_pre_reconnect_hook(hook)
+            added.append(hook)
+
+        @staticmethod
+        def post(hook):
+            signals.add_post_reconnect_hook(hook)
+            added.append(hook)
+
+    yield Hooks
+    for hook in added:
+        signals.remove_reconnect_hook(hook)
+
+
+def _configure(**options) -> None:
+    connections[ALIAS].close()
+    connections[ALIAS].close_pool()
+    connections.settings[ALIAS]["OPTIONS"].update(options)
+
+
+def _backend_pid() -> int:
+    with connections[ALIAS].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def _sessions(server: PostgresCluster) -> set[int]:
+    out = server.psql(f"SELECT pid FROM pg_stat_activity WHERE usename = '{ROLE}'")
+    return {int(line) for line in out.split()}
+
+
+def _terminate_sessions(server: PostgresCluster) -> None:
+    """Terminate the role's sessions and wait until each backend has exited."""
+    server.psql(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+        f"WHERE usename = '{ROLE}'"
+    )
+
+
+def _warm_up(count: int) -> list[int]:
+    """Check out ``count`` connections at once and give them back; their pids."""
+    pids = []
+
+    def hold():
+        pids.append(_backend_pid())
+        gevent.sleep(0.02)
+        connections[ALIAS].close()
+
+    gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
+    return pids
+
+
+def test_password_rotated_under_load_fails_no_later_request(rotating, hooks):
+    server = rotating
+    store = SecretsStore({ROLE: "first-secret"})
+
+    def fetch_password(dbwrapper):
+        if dbwrapper.alias == ALIAS:
+            dbwrapper.settings_dict["PASSWORD"] = store.read(ROLE)
+
+    hooks.pre(fetch_password)
+    _configure(MAX_CONNS=4, CONNECT_RETRIES=3, CONNECT_RETRY_DELAY=0.05)
+    with Load(alias=ALIAS, concurrency=8) as load:
+        load.wait_for_requests(100)
+        old_sessions = _sessions(server)
+        # What Vault does on rotation: new password in the database and in the
+        # store, then the sessions of the old credentials are ended.
+        server.psql(f"ALTER ROLE {ROLE} PASSWORD 'second-secret'")
+        store.write(ROLE, "second-secret")
+        _terminate_sessions(server)
+        rotated = monotonic()
+        load.wait_for_requests(300, since=rotated)
+    logger.info("rotation: errors of requests in flight at the rotation: %s", load.error_summary())
+    assert load.failures(since=rotated) == [], load.error_summary(since=rotated)
+    assert old_sessions
+    assert not old_sessions & _sessions(server)
+    assert store.reads >= 1
+    assert connections.settings[ALIAS]["PASSWORD"] == "second-secret"
+    stats = get_stats(ALIAS)
+    assert stats["connections_lost"] >= 1
+    assert stats["pool_size"] <= 4
+
+
+def test_failing_hook_reaches_the_caller_and_the_pool_keeps_its_slots(rotating, hooks):
+    _configure(MAX_CONNS=2, CONNECT_RETRIES=1, CONNECT_RETRY_DELAY=0.01)
+    _warm_up(2)
+    assert get_stats(ALIAS)["pool_size"] == 2
+
+    def sealed_store(dbwrapper):
+        raise RuntimeError("secrets store is sealed")
+
+    hooks.pre(sealed_store)
+    _terminate_sessions(rotating)
+    with pytest.raises(RuntimeError, match="secrets store is sealed") as raised:
+        _backend_pid()
+    assert any("pre_reconnect" in note and ALIAS in note for note in raised.value.__notes__)
+    connections[ALIAS].close()
+    stats = get_stats(ALIAS)
+    assert stats["pool_size"] == 0  # the two broken connections were closed, no slot kept
+    assert stats["requests_waiting"] == 0
+    assert stats["requests_errors"] == 1
+
+    signals.remove_reconnect_hook(sealed_store)
+    pids = _warm_up(2)  # both slots usable at once again
+    assert len(set(pids)) == 2
+    assert get_stats(ALIAS)["pool_size"] == 2
+
+
+def test_signals_fire_with_sender_and_dbwrapper(rotating):
+    _configure(MAX_CONNS=1)
+    received = []
+
+    def on_pre(sender, dbwrapper, **kwargs):
+        received.append(("pre", sender, dbwrapper))
+
+    def on_post(sender, dbwrapper, **kwargs):
+        # After the connect: the new server connection is open.
+        received.append(("post", sender, dbwrapper))
+
+    signals.pre_reconnect.connect(on_pre)
+    signals.post_reconnect.connect(on_post)
+    try:
+        first = _backend_pid()
+        connections[ALIAS].close()
+        assert received == []  # a first connect is not a reconnect
+        _terminate_sessions(rotating)
+        second = _backend_pid()
+    finally:
+        signals.pre_reconnect.disconnect(on_pre)
+        signals.post_reconnect.disconnect(on_post)
+    wrapper = connections[ALIAS]
+    assert first != second
+    assert received == [("pre", type(wrapper), wrapper), ("post", type(wrapper), wrapper)]
+    assert get_stats(ALIAS)["connections_lost"] == 1
+
+
+def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating, hooks, caplog):
+    connections.settings[ALIAS]["PASSWORD"] = "stale-secret"
+    _configure(MAX_CONNS=1, CONNECT_RETRIES=3, CONNECT_RETRY_DELAY=0.04)
+    calls = []
+
+    def fetch_password(dbwrapper):
+        calls.append(dbwrapper.settings_dict["PASSWORD"])
+        if len(calls) == 3:  # the store has caught up at the third retry
+            dbwrapper.settings_dict["PASSWORD"] = "first-secret"
+
+    hooks.pre(fetch_password)
+    caplog.set_level(logging.WARNING, logger="django_db_geventpool.pool")
+    _backend_pid()
+    assert len(calls) == 3
+    stats = get_stats(ALIAS)
+    assert stats["connections_num"] == 4
+    assert stats["connections_errors"] == 3
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert [r.args[2] for r in retries] == [1, 2, 3]
+    # Doubled each time, with jitter between half and all of the delay.
+    for n, record in enumerate(retries):
+        delay = 0.04 * 2**n
+        assert delay * 0.5 <= record.args[4] <= delay
+
+
+def test_retries_exhausted_give_the_drivers_error(rotating, hooks):
+    connections.settings[ALIAS]["PASSWORD"] = "stale-secret"
+    _configure(MAX_CONNS=1, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.01)
+    calls = []
+    hooks.pre(lambda dbwrapper: calls.append(dbwrapper.alias))
+    with pytest.raises(OperationalError, match="password authentication failed"):
+        _backend_pid()
+    assert calls == [ALIAS, ALIAS]
+    stats = get_stats(ALIAS)
+    assert stats["connections_errors"] == 3
+    assert stats["pool_size"] == 0
+    connections.settings[ALIAS]["PASSWORD"] = "first-secret"
+    _backend_pid()  # the slot was given back
