@@ -1,0 +1,1 @@
+"""The example Django project: one app, one view that queries, the pool's stats view."""

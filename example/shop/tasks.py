@@ -1,0 +1,48 @@
+"""Celery tasks that use the ORM; none of them gives its connection back by hand."""
+
+import asyncio
+import os
+
+from celery import shared_task
+from django.db import transaction
+from django.db.models import F
+
+
+@shared_task
+def sell(product_id: int) -> int:
+    """Count one sale of a product; return its new total (each sale sees its own)."""
+    from .models import Product
+
+    with transaction.atomic():
+        product = Product.objects.select_for_update().get(pk=product_id)
+        product.sold = F("sold") + 1
+        product.save(update_fields=["sold"])
+        product.refresh_from_db(fields=["sold"])
+    return product.sold
+
+
+@shared_task
+def pool_stats() -> dict:
+    """The worker's pool stats (this task's own connection is not counted: it has none)."""
+    from django_db_geventpool import get_stats
+
+    return {"pid": os.getpid(), **get_stats()}
+
+
+@shared_task
+def sleep_in_asyncio(seconds: float) -> None:
+    """Run an asyncio event loop in the task's greenlet: the cause of SynchronousOnlyOperation.
+
+    While this loop waits, every other greenlet of the worker sees a running event
+    loop (they share the OS thread), and Django refuses their ORM calls. See
+    docs/celery.md for the fix (`run_in_native_thread`).
+    """
+    asyncio.run(asyncio.sleep(seconds))
+
+
+@shared_task
+def sleep_in_asyncio_native_thread(seconds: float) -> None:
+    """The same asyncio code, run in a real OS thread: other greenlets are unaffected."""
+    from django_db_geventpool.nativethread import run_in_native_thread
+
+    run_in_native_thread(asyncio.run, asyncio.sleep(seconds))

@@ -1,0 +1,73 @@
+"""Gunicorn with gevent workers, for a Django project on django_db_geventpool.
+
+Use it as is::
+
+    gunicorn -c gunicorn.conf.py project.wsgi
+
+Environment (all optional):
+
+* ``GUNICORN_BIND`` (else ``PORT`` on all interfaces, else ``127.0.0.1:8000``)
+* ``WEB_CONCURRENCY``: worker processes (default: one per CPU core). Each worker
+  has its own pool: the server sees up to workers x ``MAX_CONNS`` connections per alias.
+* ``GUNICORN_WORKER_CONNECTIONS``: concurrent requests per worker (default 1000).
+  Requests beyond ``MAX_CONNS`` queue in the pool, for at most ``POOL_TIMEOUT``.
+* ``GUNICORN_TIMEOUT``: seconds before a silent worker is restarted (default 30).
+
+Why the patching happens here: gunicorn imports this file first, before the
+application and before the gevent worker's own ``patch_all()`` at worker start.
+Anything imported earlier (the app with ``--preload``, Django via a hook) would
+otherwise hold unpatched ``socket``/``select``/``threading``, and psycopg 3 picks
+its blocking C wait function at import time. Patching at the top of this file
+makes every process that serves requests (the master with ``--preload``, every
+worker) cooperative for both drivers.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+try:
+    # psycopg2: queries must wait through gevent, not in libpq. Installing the
+    # callback here (the pool would do it on first use) covers code that uses
+    # psycopg2 before any pool exists. Absent with psycopg 3 only: nothing to do.
+    from psycogreen.gevent import patch_psycopg
+except ImportError:
+    pass
+else:
+    patch_psycopg()
+
+
+def _default_bind() -> str:
+    if os.environ.get("GUNICORN_BIND"):
+        return os.environ["GUNICORN_BIND"]
+    if os.environ.get("PORT"):
+        return f"0.0.0.0:{os.environ['PORT']}"
+    return "127.0.0.1:8000"
+
+
+bind = _default_bind()
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+
+
+def worker_exit(server, worker):
+    """In the worker, as it exits: close every pool, so the server sees clean goodbyes.
+
+    In-flight requests have finished by now (graceful shutdown); idle connections
+    get a proper Terminate message instead of a dropped socket.
+    """
+    registry = sys.modules.get("django_db_geventpool.registry")
+    if registry is None:
+        return  # the app never used the pool in this worker
+    for pool in list(registry.pools.values()):
+        try:
+            pool.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; say what failed
+            server.log.exception("closing pool %r at worker exit failed", pool.name)

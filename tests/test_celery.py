@@ -1,0 +1,130 @@
+"""A real celery worker (``--pool gevent --concurrency 100``) on the pool, with a real Redis.
+
+The example project's tasks use the ORM and never give their connection back by
+hand: ``django_db_geventpool.celery.install()`` (in ``example/project/celery.py``)
+does it at ``task_postrun``. Celery's own Django fixup is told to keep connections
+(``CELERY_DB_REUSE_MAX``), so the integration is the only thing giving them back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import gevent.event
+import pytest
+from celery import Celery
+from celery.result import ResultSet
+
+from tests.helpers import query, raw_connect
+from tests.servers import example_env, migrate_example, start_celery_worker, start_redis
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_DB = "geventpool_example"
+APP_NAME = "geventpool-celery-test"
+MAX_CONNS = 5
+TASKS = 1000
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    redis, port = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.stop()
+        redis.kill_group()
+
+
+@pytest.fixture(scope="module")
+def product_id(cluster):
+    migrate_example(cluster, EXAMPLE_DB)
+    return int(cluster.psql(
+        "INSERT INTO shop_product (name, price_cents, sold) VALUES ('celery', 100, 0) RETURNING id",
+        dbname=EXAMPLE_DB,
+    ).splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def worker(cluster, redis_url, product_id, tmp_path_factory):
+    env = example_env(
+        cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME,
+        CELERY_BROKER_URL=redis_url, CELERY_DB_REUSE_MAX="1000000",
+    )
+    proc = start_celery_worker(env, tmp_path_factory.mktemp("celery") / "worker.log", concurrency=100)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        proc.kill_group()
+
+
+@pytest.fixture(scope="module")
+def client(redis_url, worker):
+    app = Celery("geventpool-test-client", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.broker_connection_retry_on_startup = True
+    yield app
+    app.close()
+
+
+def _run_all(client, calls, timeout=120):
+    """Send ``(task name, args)`` calls; return their results (exceptions as values)."""
+    results = [client.send_task(name, args=args) for name, args in calls]
+    return ResultSet(results, app=client).join(timeout=timeout, propagate=False)
+
+
+def _server_connections(conn) -> int:
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    return query(conn, sql, [APP_NAME])[0][0]
+
+
+def test_thousand_orm_tasks_stay_under_the_cap_and_give_back(client, worker, product_id):
+    observer = raw_connect()
+    samples: list[int] = []
+    done = gevent.event.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_server_connections(observer))
+            done.wait(0.01)
+
+    sampler = gevent.spawn(sample)
+    try:
+        values = _run_all(client, [("shop.tasks.sell", (product_id,))] * TASKS)
+    finally:
+        done.set()
+        sampler.join()
+    samples.append(_server_connections(observer))
+    stats = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
+    observer.close()
+    logger.info("celery: %d tasks, peak %d server connections, worker stats %s",
+                len(values), max(samples), stats)
+
+    failures = [v for v in values if isinstance(v, BaseException)]
+    assert failures == []
+    assert sorted(values) == list(range(1, TASKS + 1))
+    assert 0 < max(samples) <= MAX_CONNS
+    # None left checked out, and none had to be reclaimed from an ended greenlet:
+    # task_postrun gave every connection back.
+    assert stats["pool_size"] - stats["pool_available"] == 0
+    assert stats["requests_waiting"] == 0
+    assert stats["connections_reclaimed"] == 0
+    assert stats["requests_num"] >= TASKS
+    assert stats["requests_errors"] == 0
+    assert "SynchronousOnlyOperation" not in worker.log()
+
+
+def test_asyncio_loop_in_a_greenlet_is_what_raises_synchronous_only(client, product_id):
+    """The cause of SynchronousOnlyOperation under --pool gevent: a loop in a sibling greenlet."""
+    calls = [("shop.tasks.sleep_in_asyncio", (1.0,))] + [("shop.tasks.sell", (product_id,))] * 50
+    values = _run_all(client, calls)
+    names = {type(v).__name__ for v in values if isinstance(v, BaseException)}
+    assert names == {"SynchronousOnlyOperation"}
+
+
+def test_asyncio_in_a_native_thread_leaves_the_orm_alone(client, product_id):
+    calls = [("shop.tasks.sleep_in_asyncio_native_thread", (1.0,))]
+    calls += [("shop.tasks.sell", (product_id,))] * 50
+    values = _run_all(client, calls)
+    assert [v for v in values if isinstance(v, BaseException)] == []

@@ -1,0 +1,123 @@
+"""System checks: registered by the backend, run by ``manage.py check``."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from django.core import checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db import connections
+from django.test import override_settings
+
+from django_db_geventpool import checks as pool_checks
+from tests.servers import EXAMPLE_DIR, REPO_ROOT
+
+
+def _ids(**kwargs) -> list[str]:
+    return sorted(m.id for m in checks.run_checks(tags=[pool_checks.TAG], **kwargs))
+
+
+def test_a_good_configuration_passes_manage_py_check():
+    out = io.StringIO()
+    call_command("check", stdout=out)
+    assert "no issues" in out.getvalue()
+    assert _ids() == []
+
+
+def test_manage_py_check_runs_them_without_an_installed_app(tmp_path):
+    """The example project does not list django_db_geventpool in INSTALLED_APPS."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "MAX_CONNS": "0",
+           "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=EXAMPLE_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 1
+    assert "django_db_geventpool.E001" in result.stdout
+    assert "['MAX_CONNS'] must be an integer >= 1; got 0" in result.stdout
+
+
+def test_bad_option_fails_manage_py_check(configure_pool):
+    configure_pool(MAX_CONS=10)
+    with pytest.raises(SystemCheckError, match="MAX_CONS.*did you mean 'MAX_CONNS'"):
+        call_command("check", stdout=io.StringIO())
+    assert _ids() == ["django_db_geventpool.E001"]
+
+
+def test_django_pool_option_is_an_error(configure_pool):
+    configure_pool(pool=True)
+    assert _ids() == ["django_db_geventpool.E002"]
+
+
+@pytest.mark.parametrize("max_age", [60, None])
+def test_conn_max_age_is_a_warning(max_age):
+    connections.settings["default"]["CONN_MAX_AGE"] = max_age
+    messages = checks.run_checks(tags=[pool_checks.TAG])
+    assert [m.id for m in messages] == ["django_db_geventpool.W001"]
+    assert "CONN_MAX_AGE" in messages[0].msg and "MAX_IDLE" in messages[0].hint
+
+
+# Each environment has one driver: only its own import-order check is collected.
+_PSYCOPG3 = pool_checks._uses_psycopg3()
+
+
+def _psycopg3_imported_before_patching_is_an_error(monkeypatch):
+    import psycopg.waiting as waiting
+
+    # What psycopg picks when it is imported before gevent patched select.
+    monkeypatch.setattr(waiting, "wait", waiting.wait_c)
+    messages = checks.run_checks(tags=[pool_checks.TAG])
+    assert [m.id for m in messages] == ["django_db_geventpool.E004"]
+    assert "gevent.monkey.patch_all()" in messages[0].msg
+
+
+def _psycopg2_without_green_patching_is_an_error(monkeypatch):
+    import psycopg2.extensions
+
+    callback = psycopg2.extensions.get_wait_callback()
+    monkeypatch.setattr(pool_checks, "_psycogreen_installed", lambda: False)
+    psycopg2.extensions.set_wait_callback(None)
+    try:
+        messages = checks.run_checks(tags=[pool_checks.TAG])
+    finally:
+        psycopg2.extensions.set_wait_callback(callback)
+    assert [m.id for m in messages] == ["django_db_geventpool.E003"]
+    assert "psycogreen" in messages[0].msg
+    # With the callback in place (psycogreen installed it), all is well.
+    assert _ids() == []
+
+
+if _PSYCOPG3:
+    test_psycopg3_imported_before_patching_is_an_error = _psycopg3_imported_before_patching_is_an_error
+else:
+    test_psycopg2_without_green_patching_is_an_error = _psycopg2_without_green_patching_is_an_error
+
+
+def test_connection_budget_against_the_servers_max_connections(configure_pool, monkeypatch):
+    # The test cluster runs with max_connections=200, 3 reserved for superusers.
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    configure_pool(MAX_CONNS=50)
+    with override_settings(GEVENTPOOL_EXPECTED_PROCESSES=4):
+        assert _ids(databases=["default"]) == ["django_db_geventpool.W002"]
+        # Plain `manage.py check` does not ask the server (as with Django's own checks).
+        plain = [m.id for m in checks.run_checks() if m.id.startswith("django_db_geventpool")]
+        assert plain == []
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    messages = checks.run_checks(tags=[pool_checks.TAG], databases=["default"])
+    assert messages == []
+    monkeypatch.setenv("WEB_CONCURRENCY", "5")
+    messages = checks.run_checks(tags=[pool_checks.TAG], databases=["default"])
+    assert [m.id for m in messages] == ["django_db_geventpool.W002"]
+    assert "250 connections" in messages[0].msg and "accepts 197" in messages[0].msg
+
+
+def test_budget_check_gives_its_connection_back(configure_pool):
+    from django_db_geventpool import get_stats
+
+    configure_pool(MAX_CONNS=2)
+    assert _ids(databases=["default"]) == []
+    stats = get_stats()
+    assert stats["pool_size"] == stats["pool_available"] == 1

@@ -1,0 +1,134 @@
+"""Real gunicorn, gevent workers, through the repository's gunicorn.conf.py, on the pool.
+
+The example project is served by 2 workers with ``MAX_CONNS=5`` each; 2,000 HTTP
+requests at concurrency 100 hit a view that queries the database, while a sampler
+counts the server connections of the example in ``pg_stat_activity``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import gevent
+import pytest
+
+from tests.helpers import query, raw_connect
+from tests.httpload import run_load
+from tests.servers import migrate_example, start_gunicorn, example_env
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_DB = "geventpool_example"
+APP_NAME = "geventpool-gunicorn-test"
+WORKERS = 2
+MAX_CONNS = 5
+
+
+@pytest.fixture(scope="module")
+def example_db(cluster) -> int:
+    """The example's database, migrated and seeded; returns how many products it has."""
+    migrate_example(cluster, EXAMPLE_DB)
+    cluster.psql("INSERT INTO shop_product (name, price_cents, sold) "
+                 "SELECT 'p' || i, i * 100, 0 FROM generate_series(1, 50) i", dbname=EXAMPLE_DB)
+    # Other test modules share this database: count what is there now.
+    return int(cluster.psql("SELECT count(*) FROM shop_product", dbname=EXAMPLE_DB))
+
+
+class ExampleConnections:
+    """Samples how many server connections the example's workers hold."""
+
+    def __init__(self) -> None:
+        self._conn = raw_connect()
+        self.samples: list[int] = []
+        self._greenlet: gevent.Greenlet | None = None
+        self._running = False
+
+    def count(self) -> int:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        return query(self._conn, sql, [APP_NAME])[0][0]
+
+    def _run(self) -> None:
+        while self._running:
+            self.samples.append(self.count())
+            gevent.sleep(0.01)
+
+    def start(self) -> None:
+        self._running = True
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        # Not kill(): a query interrupted half-way would break the connection.
+        self._running = False
+        if self._greenlet is not None:
+            self._greenlet.join()
+            self._greenlet = None
+
+    def wait_for(self, expected: int, deadline_seconds: float = 10.0) -> int:
+        """The count once it equals ``expected``, or the last count seen at the deadline."""
+        deadline = time.monotonic() + deadline_seconds
+        while True:
+            count = self.count()
+            if count == expected or time.monotonic() > deadline:
+                return count
+            gevent.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop()
+        self._conn.close()
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
+def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_path, preload):
+    products = example_db
+    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME)
+    # With --preload the master imports the app and runs a query before forking.
+    app = "tests.preload_wsgi" if preload else "project.wsgi"
+    extra = ("--preload",) if preload else ()
+    # The master's own idle connection (preload) is one more on the server.
+    cap = WORKERS * MAX_CONNS + (1 if preload else 0)
+    requests = 2000 if not preload else 600
+    sampler = ExampleConnections()
+    gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS, app=app,
+                                    extra_args=extra)
+    try:
+        sampler.start()
+        load = run_load(port, "/products/summary", requests=requests, concurrency=100,
+                        keep_body=True)
+        sampler.stop()
+        stats_pids = {
+            json.loads(r.body)["pid"] for r in load.results if r.ok
+        }
+        pool_stats = run_load(port, "/pool/stats", requests=10, concurrency=1, keep_body=True)
+        returncode = gunicorn.stop()
+    finally:
+        sampler.stop()
+        gunicorn.kill_group()
+    try:
+        left = sampler.wait_for(0)
+        peak = max(sampler.samples, default=0)
+    finally:
+        sampler.close()
+    log = gunicorn.log()
+    logger.info("gunicorn: %d requests, peak %d server connections (cap %d), workers seen %s",
+                len(load.results), peak, cap, sorted(stats_pids))
+
+    assert [r.error or r.status for r in load.failures] == []
+    assert len(load.results) == requests
+    assert all(json.loads(r.body)["products"] == products for r in load.results)
+    assert 0 < peak <= cap
+    # The stats view of a worker, after the load: nothing waiting, nothing in use.
+    assert pool_stats.failures == []
+    for result in pool_stats.results:
+        stats = json.loads(result.body)["databases"]["default"]
+        assert stats["pool_max"] == MAX_CONNS
+        assert stats["requests_waiting"] == 0
+        assert stats["pool_available"] == stats["pool_size"] <= MAX_CONNS
+        assert stats["requests_errors"] == 0
+    assert returncode == 0, log[-3000:]
+    assert left == 0, f"{left} connections left on the server after gunicorn stopped"
+    # worker_exit closed the pool of every worker that served requests.
+    closed = [line for line in log.splitlines() if "pool 'default' closed" in line]
+    assert len(closed) >= len(stats_pids), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
