@@ -41,5 +41,11 @@ demo: venv
 	@$(VENV)/bin/pip install -q --disable-pip-version-check gunicorn
 	$(VENV)/bin/python example/demo.py
 
+## make bench: our pool against every reference, in one run (writes docs/benchmarks.md and .png)
+## (BENCH_ARGS="--rounds 5", "--only ours[psycopg3],old_geventpool", "--quick")
+bench:
+	@bench/prepare
+	$(VENVS)/bench-psycopg3/bin/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENVS)

@@ -144,7 +144,7 @@ class PooledDatabaseWrapperMixin:
 
     def _target(self) -> tuple:
         settings_dict = self.settings_dict
-        target = tuple(settings_dict.get(key) for key in _TARGET_KEYS)
+        target = tuple(map(settings_dict.get, _TARGET_KEYS))  # per checkout: no generator
         peer_set = getattr(registry.pools.get(self.alias), "peer_set", None)
         if peer_set is None:
             return target

@@ -1,0 +1,109 @@
+"""The benchmark still runs: a tiny round of the references this environment has.
+
+No timing is asserted (speed is measured only by ``make bench``); the results must
+be complete and sane, and the report must render them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import pytest
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+from bench import report
+from bench.__main__ import run_worker
+from bench.references import MAX_CONNS, REFERENCES
+from bench.workloads import Sizes
+
+logger = logging.getLogger(__name__)
+
+DRIVER = "psycopg3" if is_psycopg3 else "psycopg2"
+TINY = Sizes(
+    overhead_n=20, concurrency=(1, 4), queries=(1, 2), duration=0.05, warmup=0.02,
+    waiters=(2, 20), waiting_checkouts=40,
+)
+# What runs in this virtualenv: ours and orm_held with its driver, and the driver
+# alone (raw_limit is psycopg2 in the real run; here it uses whichever is installed).
+SMOKE_REFERENCES = [
+    REFERENCES[f"ours[{DRIVER}]"],
+    REFERENCES[f"ours[{DRIVER},hc=0]"],
+    REFERENCES[f"orm_held[{DRIVER}]"],
+    dataclasses.replace(REFERENCES["raw_limit"], driver=DRIVER),
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_results(cluster, tmp_path_factory):
+    if cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'bench_smoke'") == "0":
+        cluster.psql("CREATE DATABASE bench_smoke")
+    db = cluster.database_settings("bench_smoke", tcp=True)
+    out = tmp_path_factory.mktemp("bench")
+    results = {}
+    for ref in SMOKE_REFERENCES:
+        logger.info("bench smoke: %s", ref.name)
+        results[ref.name] = [run_worker(ref, db, TINY, out / f"{ref.slug}.json", python=sys.executable,
+                                        timeout=120)]
+    return results
+
+
+def test_every_workload_reports_for_every_reference(smoke_results):
+    for ref in SMOKE_REFERENCES:
+        (result,) = smoke_results[ref.name]
+        assert result["reference"] == ref.name
+        assert result["meta"]["driver"] == DRIVER
+        assert result["meta"]["versions"]["django"]
+        overhead = result["overhead"]
+        assert overhead["held_us"] > 0 and overhead["cycle_us"] > 0
+        assert overhead["checkout_us"] > 0
+        rows = {(t["queries"], t["concurrency"]): t for t in result["throughput"]}
+        assert set(rows) == {(q, c) for q in TINY.queries for c in TINY.concurrency}
+        for row in rows.values():
+            assert row["errors"] == 0, (ref.name, row)
+            assert row["requests"] > 0 and row["rps"] > 0
+            assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert result["rss_rest_mb"] > 0 and result["rss_load_mb"] > 0
+
+
+def test_caps_and_queues_are_seen_where_they_apply(smoke_results):
+    for ref in SMOKE_REFERENCES:
+        (result,) = smoke_results[ref.name]
+        peaks = [t["peak_conns"] for t in result["throughput"]]
+        if ref.capped:
+            assert all(1 <= p <= MAX_CONNS for p in peaks), (ref.name, peaks)
+            assert [w["waiters"] for w in result["waiting"]] == list(TINY.waiters)
+            assert all(w["us_per_checkout"] > 0 and w["errors"] == 0 for w in result["waiting"])
+            assert all(w["cpu_us_per_checkout"] > 0 for w in result["waiting"])
+        else:
+            # One connection per greenlet: at least as many as the most greenlets.
+            assert max(peaks) >= max(TINY.concurrency), (ref.name, peaks)
+            assert result["waiting"] is None
+
+
+def test_report_renders_medians_ratios_and_targets(smoke_results, tmp_path):
+    summary = report.summarize(smoke_results)
+    assert set(summary) == {ref.name for ref in SMOKE_REFERENCES}
+    ours = summary[f"ours[{DRIVER}]"]
+    assert report.orm_held_of(ours["meta"]) in summary
+    assert ours["throughput"]["q1c4"]["rps"] > 0
+    # Without old_geventpool only the targets against orm_held and the waiting one remain.
+    names = [row["target"] for row in report.targets(summary)]
+    assert any("orm_held" in name for name in names)
+    assert any("flat" in name for name in names)
+    machine = {"cpu": "test", "cores": 2, "kernel": "x", "loadavg_start": 0.0, "loadavg_end": 0.0,
+               "seconds": 1, "postgresql": "15"}
+    path = tmp_path / "benchmarks.md"
+    report.write_markdown(path, summary, machine, 1, TINY, "make bench")
+    text = path.read_text()
+    for heading in ("## Targets", "## Checkout overhead", "## Throughput and latency: 1-query requests",
+                    "## Throughput and latency: 2-query requests", "## Scale of waiting", "## Memory",
+                    "## Versions and machine"):
+        assert heading in text
+    for ref in SMOKE_REFERENCES:
+        assert f"`{ref.name}`" in text
+    # raw_limit's process also measures the bare FIFO hand-over, for comparison.
+    assert summary["raw_limit"]["waiting_floor"] is not None
+    assert "`gevent FIFO floor`" in text
+    assert "`make bench`" in text
