@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.pgserver import free_port
+from tests.servers import wait_for_port
 
-__all__ = ["HAProxy", "PgBouncer", "require_binary", "wait_for_port"]
+__all__ = ["HAProxy", "PgBouncer", "require_binary"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +46,6 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message + " (CI is set: these tests must run there, not be skipped)")
     pytest.skip(message)
-
-
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Return once ``host:port`` accepts a TCP connection; raise after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            # A numeric address and a plain socket: no getaddrinfo, which would
-            # start gevent's resolver thread (and fork() warns about threads).
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.settimeout(0.5)
-                probe.connect((host, port))
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
-            time.sleep(0.02)
 
 
 class _Proxy:
@@ -96,7 +79,7 @@ class _Proxy:
         finally:
             log.close()
         try:
-            wait_for_port(self.host, self.port)
+            wait_for_port(self.port, time.monotonic() + 10, host=self.host)
         except TimeoutError:
             self.stop()
             output = self.output()[-3000:]

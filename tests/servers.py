@@ -26,18 +26,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = REPO_ROOT / "example"
 
 
-def wait_for_port(port: int, deadline: float, process: subprocess.Popen | None = None) -> None:
-    """Return once 127.0.0.1:port accepts connections; raise if the process died or time ran out."""
+def wait_for_port(
+    port: int,
+    deadline: float,
+    process: subprocess.Popen | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    """Return once host:port accepts connections; raise if the process died or time ran out."""
     while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            # A numeric address and a plain socket: no getaddrinfo, which would
+            # start gevent's resolver thread (and fork() warns about threads).
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                probe.connect((host, port))
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.05)
+                raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
+            time.sleep(0.02)
 
 
 class ManagedProcess:

@@ -29,7 +29,6 @@ import os
 from typing import Any
 
 from django.conf import settings as django_settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
 from .. import checks as _checks  # noqa: F401 - registers the system checks
@@ -128,24 +127,29 @@ class PooledDatabaseWrapperMixin:
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        pool = self.geventpool
-        if pool is None:
-            return super().get_new_connection(conn_params)  # type: ignore[misc]
+        # The registry first: this runs at every checkout.
+        pool = registry.pools.get(self.alias)
+        if pool is None or pool.closed:
+            pool = self.geventpool
+            if pool is None:
+                return super().get_new_connection(conn_params)  # type: ignore[misc]
         if self._pool_lease is not None:
             # A previous checkout was never given back through close(): give it
             # back now rather than leak its slot.
             self._give_back(self._pool_lease)
-        lease = pool.checkout(self._pool_opener(pool), owner=self, target=self._target())
+        peer_set = pool.peer_set  # type: ignore[attr-defined]
+        lease = pool.checkout(
+            self._pool_opener(peer_set), owner=self, target=self._target(peer_set)
+        )
         self._pool_lease = lease
         if "isolation_level" not in self.__dict__:
             # Django sets it when it opens a connection; a reused one needs it too.
             self.isolation_level = _configured_isolation_level(self.settings_dict)
         return lease.connection
 
-    def _target(self) -> tuple:
+    def _target(self, peer_set: Any) -> tuple:
         settings_dict = self.settings_dict
         target = tuple(map(settings_dict.get, _TARGET_KEYS))  # per checkout: no generator
-        peer_set = getattr(registry.pools.get(self.alias), "peer_set", None)
         if peer_set is None:
             return target
         # An idle connection to any peer will do: the target is the whole set's,
@@ -154,9 +158,8 @@ class PooledDatabaseWrapperMixin:
             peer_target(peer.name, _TARGET_KEYS) for peer in peer_set.peers[1:]
         )
 
-    def _pool_opener(self, pool: ConnectionPool) -> Any:
+    def _pool_opener(self, peer_set: Any) -> Any:
         """What the pool calls to open a connection: on this alias, or on a chosen peer."""
-        peer_set = getattr(pool, "peer_set", None)
         if peer_set is None:
             return self._open_pooled_connection
         return functools.partial(peer_set.open_connection, self._open_on_peer)

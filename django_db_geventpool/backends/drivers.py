@@ -26,7 +26,28 @@ def _gevent_patched(module: str) -> bool:
     return bool(monkey and monkey.is_module_patched(module))
 
 
-class Psycopg3Ops:
+class _DBAPIOps:
+    """What both drivers do alike, through the DB-API connection methods."""
+
+    @staticmethod
+    def rollback(raw: Any) -> None:
+        raw.rollback()
+
+    @staticmethod
+    def commit(raw: Any) -> None:
+        raw.commit()
+
+    @staticmethod
+    def restore_autocommit(raw: Any) -> None:
+        if not raw.autocommit:
+            raw.autocommit = True
+
+    @staticmethod
+    def close(raw: Any) -> None:
+        raw.close()
+
+
+class Psycopg3Ops(_DBAPIOps):
     """psycopg 3 connections (``psycopg.Connection``)."""
 
     name = "psycopg 3"
@@ -80,25 +101,8 @@ class Psycopg3Ops:
         raw.execute("")
 
     @staticmethod
-    def rollback(raw: Any) -> None:
-        raw.rollback()
-
-    @staticmethod
-    def commit(raw: Any) -> None:
-        raw.commit()
-
-    @staticmethod
-    def restore_autocommit(raw: Any) -> None:
-        if not raw.autocommit:
-            raw.autocommit = True
-
-    @staticmethod
     def execute(raw: Any, sql: str) -> None:
         raw.execute(sql)
-
-    @staticmethod
-    def close(raw: Any) -> None:
-        raw.close()
 
     @staticmethod
     def cancel(raw: Any) -> None:
@@ -107,7 +111,7 @@ class Psycopg3Ops:
         raw.cancel_safe(timeout=5.0)
 
 
-class Psycopg2Ops:
+class Psycopg2Ops(_DBAPIOps):
     """psycopg2 connections, made cooperative with psycogreen's wait callback."""
 
     name = "psycopg2"
@@ -188,26 +192,9 @@ class Psycopg2Ops:
             cursor.execute("SELECT 1")
 
     @staticmethod
-    def rollback(raw: Any) -> None:
-        raw.rollback()
-
-    @staticmethod
-    def commit(raw: Any) -> None:
-        raw.commit()
-
-    @staticmethod
-    def restore_autocommit(raw: Any) -> None:
-        if not raw.autocommit:
-            raw.autocommit = True
-
-    @staticmethod
     def execute(raw: Any, sql: str) -> None:
         with raw.cursor() as cursor:
             cursor.execute(sql)
-
-    @staticmethod
-    def close(raw: Any) -> None:
-        raw.close()
 
     @staticmethod
     def cancel(raw: Any) -> None:
