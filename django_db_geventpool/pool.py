@@ -503,12 +503,19 @@ class ConnectionPool:
         conn = self._end_lease(lease)
         if conn is None:
             return
-        if self._reset(conn):
+        try:
+            clean = self._reset(conn)
+        except BaseException:
+            # Killed during the rollback or reset (it yields): its state is unknown.
+            clean = False
+            raise
+        finally:
+            if not clean:
+                self._stats[RETURNS_BAD] += 1
+                self._close_quietly(conn)
+                self._release_slot()
+        if clean:
             self._give_back_idle(conn)
-        else:
-            self._stats[RETURNS_BAD] += 1
-            self._close_quietly(conn)
-            self._release_slot()
 
     def discard(self, lease: Lease) -> None:
         """Give a connection back to be closed (broken, or in unknown state)."""

@@ -31,6 +31,7 @@ class FakeConnection:
         self.rollbacks = 0
         self.executed: list[str] = []
         self.fail_rollback = False
+        self.rollback_delay = 0.0
         self.cancelled = False
 
     def server_goes_away(self) -> None:
@@ -59,6 +60,8 @@ class FakeDriver:
             raise FakeConnectError("server closed the connection unexpectedly")
 
     def rollback(self, raw: FakeConnection) -> None:
+        if raw.rollback_delay:
+            gevent.sleep(raw.rollback_delay)
         if raw.fail_rollback:
             raise FakeConnectError("rollback failed")
         raw.rollbacks += 1
@@ -387,3 +390,23 @@ def test_holder_greenlet_ending_without_checkin_is_reclaimed(server):
     wait_until(lambda: pool.get_stats()["connections_reclaimed"] == 1)
     assert not leases[0].active
     assert pool.get_stats()["pool_available"] == 1
+
+
+def test_greenlet_killed_while_its_return_rolls_back_loses_no_slot(server):
+    pool = make_pool(max_size=1, timeout=1.0)
+    lease = pool.checkout(server.open)
+    raw = lease.connection
+    raw.status = TransactionStatus.INTRANS
+    raw.rollback_delay = 5.0
+    returning = gevent.spawn(pool.checkin, lease)
+    gevent.sleep(0.05)  # it runs into the (slow) rollback and yields there
+    assert not returning.dead
+    returning.kill()
+
+    assert raw.closed, "a connection whose reset was interrupted must not be reused"
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0
+    assert stats["returns_bad"] == 1
+    again = pool.checkout(server.open)  # the slot is free again, no PoolTimeout
+    assert again.connection is not raw
+    pool.checkin(again)
