@@ -65,6 +65,13 @@ def client(redis_url, worker):
     app = Celery("geventpool-test-client", broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.broker_connection_retry_on_startup = True
     yield app
+    # Under gevent the result backend drains Redis from a greenlet of its own that
+    # outlives the app; stop it, or it keeps reconnecting to the stopped Redis
+    # while the rest of the suite runs.
+    drainer = getattr(app.backend.result_consumer, "drainer", None)
+    drain_greenlet = getattr(drainer, "_g", None)
+    if drain_greenlet is not None:
+        drain_greenlet.kill(timeout=5)
     app.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import subprocess
@@ -77,16 +78,30 @@ def _psycopg3_imported_before_patching_is_an_error(monkeypatch):
 def _psycopg2_without_green_patching_is_an_error(monkeypatch):
     import psycopg2.extensions
 
+    # The check reads psycopg2's process-wide wait callback. Clearing the real one
+    # for the whole of run_checks() was flaky: a garbage-collected greenlet from an
+    # earlier test runs its cleanup on the spot (GreenletExit), and a cleanup that
+    # opens a pool installs psycogreen's callback again. So the predicate is proven
+    # against the real callback on its own, with the collector off...
     callback = psycopg2.extensions.get_wait_callback()
-    monkeypatch.setattr(pool_checks, "_psycogreen_installed", lambda: False)
-    psycopg2.extensions.set_wait_callback(None)
+    assert callback is not None  # psycogreen's, installed when the pool was created
+    gc.disable()
     try:
-        messages = checks.run_checks(tags=[pool_checks.TAG])
+        psycopg2.extensions.set_wait_callback(None)
+        without = pool_checks._psycopg2_wait_callback_set()
     finally:
         psycopg2.extensions.set_wait_callback(callback)
+        gc.enable()
+    assert without is False
+    assert pool_checks._psycopg2_wait_callback_set() is True
+    # ...and the check is run with that predicate answering "no callback".
+    monkeypatch.setattr(pool_checks, "_psycopg2_wait_callback_set", lambda: False)
+    monkeypatch.setattr(pool_checks, "_psycogreen_installed", lambda: False)
+    messages = checks.run_checks(tags=[pool_checks.TAG])
     assert [m.id for m in messages] == ["django_db_geventpool.E003"]
     assert "psycogreen" in messages[0].msg
-    # With the callback in place (psycogreen installed it), all is well.
+    # psycogreen installed: the pool will install its callback, so all is well.
+    monkeypatch.setattr(pool_checks, "_psycogreen_installed", lambda: True)
     assert _ids() == []
 
 
