@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 PYTEST = $(VENV)/bin/python -m gevent.monkey --module pytest
 
-.PHONY: test test-matrix test-postgis venv demo bench bench-smoke clean
+.PHONY: test test-matrix test-postgis venv demo bench bench-work bench-smoke clean
 
 venv:
 	@scripts/mkvenv $(VENV) $(PY) '$(DJANGO)' $(DRIVER),test
@@ -46,6 +46,12 @@ demo: venv
 bench:
 	@bench/prepare
 	$(VENVS)/bench-psycopg3/bin/python -m bench $(BENCH_ARGS)
+
+## make bench-work: instructions and cache misses per checkout at 10/1,000/5,000 waiters,
+## counted under valgrind's cachegrind (writes docs/benchmarks-work.md; apt-get install valgrind)
+bench-work:
+	@bench/prepare
+	$(VENVS)/bench-psycopg3/bin/python -m bench.countwork $(BENCH_WORK_ARGS)
 
 clean:
 	rm -rf $(VENVS)

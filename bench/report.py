@@ -252,6 +252,11 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
                  for w in sizes.waiters]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt_ratio(waiting_spread(waiting))} | "
                      f"{_fmt_ratio(waiting_spread(waiting, 'us_per_checkout'))} |")
+    lines += [
+        "",
+        "What grows, counted instruction by instruction and cache miss by cache miss rather "
+        "than timed: [benchmarks-work.md](benchmarks-work.md) (`make bench-work`).",
+    ]
 
     lines += [
         "",

@@ -162,11 +162,31 @@ def _meta(ref: Reference) -> dict[str, Any]:
     }
 
 
+def run_waiting_only(config: dict[str, Any]) -> dict[str, Any]:
+    """Only the waiting workload, once (``config["waiting_only"]``: waiters, checkouts,
+    floor): what `bench.countwork` runs under cachegrind."""
+    ref = Reference(**config["reference"])
+    only = config["waiting_only"]
+    db = config["db"]
+    dsn = _dsn(db)
+    _ensure_table(ref.driver, dsn)
+    _setup_django(ref, db)
+    client = make_client(ref, dsn)
+    try:
+        # One connection opened and returned first, as in the full run.
+        handle = client.acquire()
+        client.release(handle)
+        subject = FifoFloor(MAX_CONNS) if only["floor"] else client
+        return gevent.spawn(waiting_scale, subject, only["waiters"], MAX_CONNS, only["checkouts"]).get()
+    finally:
+        client.close()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with open(sys.argv[1]) as f:
         config = json.load(f)
-    result = run(config)
+    result = run_waiting_only(config) if "waiting_only" in config else run(config)
     with open(config["output"], "w") as f:
         json.dump(result, f, indent=1)
 

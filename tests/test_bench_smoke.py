@@ -107,3 +107,34 @@ def test_report_renders_medians_ratios_and_targets(smoke_results, tmp_path):
     assert summary["raw_limit"]["waiting_floor"] is not None
     assert "`gevent FIFO floor`" in text
     assert "`make bench`" in text
+
+
+def test_counted_work_runs_and_renders(cluster, smoke_results, tmp_path):
+    """``make bench-work``'s worker and arithmetic (valgrind itself is not needed here)."""
+    from bench import countwork
+
+    db = cluster.database_settings("bench_smoke", tcp=True)
+    ours = countwork.Subject(f"ours[{DRIVER}]", REFERENCES[f"ours[{DRIVER}]"])
+    floor = dataclasses.replace(ours, label=countwork.FLOOR, floor=True)
+    for subject in (ours, floor):
+        result = countwork.run_waiting_worker(subject, 20, 40, db=db, run_dir=tmp_path,
+                                              python=sys.executable)
+        assert result["waiters"] == 20 and result["checkouts"] == 40
+        assert result["errors"] == 0 and result["us_per_checkout"] > 0
+    trace = tmp_path / "run.cachegrind"
+    trace.write_text("desc: I1 cache: 65536 B, 64 B, 2-way associative\ncmd: python\n"
+                     "events: Ir D1mr D1mw DLmr DLmw\nfl=x\n1 2 3 4 5 6\n"
+                     "summary: 1000 40 10 7 3\n")
+    short = countwork._cachegrind_totals(trace)
+    assert short == {"Ir": 1000, "D1mr": 40, "D1mw": 10, "DLmr": 7, "DLmw": 3}
+    long = {"Ir": 5000, "D1mr": 140, "D1mw": 30, "DLmr": 27, "DLmw": 23}
+    assert countwork.per_checkout(short, long, 100) == {
+        "instructions": 40.0, "d1_misses": 1.2, "ll_misses": 0.4,
+    }
+    rows = {"ours": {10: {"instructions": 100.0, "d1_misses": 10.0, "ll_misses": 1.0},
+                     5000: {"instructions": 110.0, "d1_misses": 12.0, "ll_misses": 51.0}}}
+    machine = {"cpu": "test", "cores": 2, "kernel": "x", "seconds": 1}
+    countwork.write_markdown(tmp_path / "work.md", rows, machine, 500, 2500, "Python 3")
+    text = (tmp_path / "work.md").read_text()
+    assert "| `ours` | 5,000 | 110 | 12 | 51.0 |" in text
+    assert "| `ours` | 1.10× | 1.20× | +50 |" in text
