@@ -28,4 +28,10 @@ class PoolClosed(PoolError):
 
 
 class AllPeersDown(PoolError):
-    """Every peer of the pool is down and none is due for a retry (see PEERS)."""
+    """Every peer of the pool is down and none is due for a retry (see PEERS).
+
+    ``attempted`` is false when it was raised before any server was tried (every
+    peer was already down): the pool then counts no connect attempt.
+    """
+
+    attempted: bool = True

@@ -120,7 +120,9 @@ class PeerSet:
             # Critical section: choose and reserve a peer; no yield in between.
             peer = self._choose(tried)
             if peer is None:
-                raise AllPeersDown(self._all_down_message())
+                error = AllPeersDown(self._all_down_message())
+                error.attempted = bool(tried)
+                raise error
             tried.append(peer)
             peer.opening += 1
             probe = not peer.up

@@ -454,8 +454,12 @@ class ConnectionPool:
                 gevent.sleep(pause)
                 delay *= 2
                 continue
-            except BaseException:
-                stats[CONNECTIONS_ERRORS] += 1
+            except BaseException as exc:
+                if getattr(exc, "attempted", True):
+                    stats[CONNECTIONS_ERRORS] += 1
+                else:
+                    # Refused before any server was tried (every peer down): no attempt.
+                    stats[CONNECTIONS_NUM] -= 1
                 raise
             now = monotonic()
             stats[CONNECTIONS_MS] += int((now - started) * 1000)

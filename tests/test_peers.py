@@ -326,11 +326,19 @@ def test_all_peers_down_fails_fast_naming_each_peer_then_recovers(clusters, peer
     assert stats["peer.peered.up"] == 0 and stats["peer.peer_b.up"] == 0
     assert stats["peer.peered.connects_failed"] == 1 and stats["peer.peer_b.connects_failed"] == 1
 
+    assert first.value.attempted is True
+    assert stats["connections_errors"] == 1  # one pool-level connect, which tried both peers
+
     # Within CHECK_INTERVAL: the same error, with no connect attempted at all.
-    with pytest.raises(AllPeersDown, match="next retry in"):
+    with pytest.raises(AllPeersDown, match="next retry in") as refused:
         serve_request()
+    assert refused.value.attempted is False
     again = get_stats(PEERED)
     assert again["peer.peered.connects_failed"] == 1 and again["peer.peer_b.connects_failed"] == 1
+    # Counted as a failed request, not as a connect attempt.
+    assert again["connections_num"] == stats["connections_num"]
+    assert again["connections_errors"] == stats["connections_errors"]
+    assert again["requests_errors"] == stats["requests_errors"] + 1
     assert again["requests_waiting"] == 0
 
     a.start()
