@@ -69,11 +69,16 @@ def _cachegrind_totals(path: Path) -> dict[str, int]:
     raise RuntimeError(f"{path}: no cachegrind summary")
 
 
+def _stem(subject: Subject, waiters: int, checkouts: int) -> str:
+    """A file name stem for one run."""
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in f"{subject.label}-{waiters}-{checkouts}")
+
+
 def run_waiting_worker(subject: Subject, waiters: int, checkouts: int, *, db: dict, run_dir: Path,
                        python: str | None = None, trace: Path | None = None) -> dict:
     """Run the waiting workload once in a worker process (under cachegrind when ``trace``
     names its output file); the worker's result."""
-    stem = "".join(c if c.isalnum() or c == "-" else "_" for c in f"{subject.label}-{waiters}-{checkouts}")
+    stem = _stem(subject, waiters, checkouts)
     config_path = run_dir / f"{stem}.config.json"
     output = run_dir / f"{stem}.json"
     config_path.write_text(json.dumps({
@@ -103,9 +108,7 @@ def run_waiting_worker(subject: Subject, waiters: int, checkouts: int, *, db: di
 
 def run_once(subject: Subject, waiters: int, checkouts: int, *, db: dict, run_dir: Path) -> dict[str, int]:
     """One run under cachegrind; its event totals."""
-    trace = run_dir / "".join(
-        c if c.isalnum() or c == "-" else "_" for c in f"{subject.label}-{waiters}-{checkouts}.cachegrind"
-    )
+    trace = run_dir / f"{_stem(subject, waiters, checkouts)}.cachegrind"
     run_waiting_worker(subject, waiters, checkouts, db=db, run_dir=run_dir, trace=trace)
     return _cachegrind_totals(trace)
 

@@ -3,7 +3,9 @@
 Patches with gevent before anything else is imported (as the gevent monkey
 launcher would), sets Django up for the reference, runs every workload once and
 writes the results as JSON to the path the config names. The orchestrator runs
-this several times per reference (rounds) and takes medians.
+this several times per reference (rounds) and takes medians. With a
+``"waiting_only"`` entry in the config it runs only the waiting workload, once
+(``bench.countwork`` runs it so under cachegrind).
 
 CONFIG: ``{"reference": {...Reference fields...}, "db": {NAME, USER, PASSWORD,
 HOST, PORT}, "sizes": {...Sizes fields...}, "output": "path.json"}``.
