@@ -47,7 +47,7 @@ from gevent import getcurrent
 from gevent.hub import Waiter as HubWaiter
 from gevent.monkey import get_original
 
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .errors import AllPeersDown, PoolClosed, PoolError, PoolTimeout
 
 __all__ = [
     "ConnectionPool",
@@ -455,11 +455,11 @@ class ConnectionPool:
                 delay *= 2
                 continue
             except BaseException as exc:
-                if getattr(exc, "attempted", True):
-                    stats[CONNECTIONS_ERRORS] += 1
-                else:
+                if isinstance(exc, AllPeersDown) and not exc.attempted:
                     # Refused before any server was tried (every peer down): no attempt.
                     stats[CONNECTIONS_NUM] -= 1
+                else:
+                    stats[CONNECTIONS_ERRORS] += 1
                 raise
             now = monotonic()
             stats[CONNECTIONS_MS] += int((now - started) * 1000)
@@ -507,17 +507,15 @@ class ConnectionPool:
         conn = self._end_lease(lease)
         if conn is None:
             return
+        clean = False
         try:
             clean = self._reset(conn)
-        except BaseException:
-            # Killed during the rollback or reset (it yields): its state is unknown.
-            clean = False
-            raise
         finally:
+            # Not clean, or killed during the rollback or reset (it yields): its
+            # state is unknown either way.
             if not clean:
                 self._stats[RETURNS_BAD] += 1
-                self._close_quietly(conn)
-                self._release_slot()
+                self._close_and_release(conn)
         if clean:
             self._give_back_idle(conn)
 
@@ -526,8 +524,7 @@ class ConnectionPool:
         conn = self._end_lease(lease)
         if conn is None:
             return
-        self._close_quietly(conn)
-        self._release_slot()
+        self._close_and_release(conn)
 
     def _end_lease(self, lease: Lease) -> PooledConnection | None:
         conn = lease.conn
@@ -587,6 +584,10 @@ class ConnectionPool:
                 return
         else:
             self._stats[CONNECTIONS_EXPIRED] += 1
+        self._close_and_release(conn)
+
+    def _close_and_release(self, conn: PooledConnection) -> None:
+        """Close a connection that holds a slot, and free the slot."""
         self._close_quietly(conn)
         self._release_slot()
 
