@@ -40,17 +40,6 @@ TAG = "geventpool"
 _ID = "django_db_geventpool.{}"
 
 
-def _pooled_aliases() -> list[str]:
-    from django.db import connections
-
-    from .backends.base import PooledDatabaseWrapperMixin
-
-    return [
-        alias for alias in connections.settings
-        if isinstance(connections[alias], PooledDatabaseWrapperMixin)
-    ]
-
-
 def _uses_psycopg3() -> bool:
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
@@ -72,11 +61,12 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
     """Options, driver patching and ``CONN_MAX_AGE`` of every pooled alias (no I/O)."""
     from django.db import connections
 
+    from .backends.base import pooled_aliases
     from .backends.drivers import Psycopg3Ops
     from .backends.options import parse_pool_settings
 
     messages: list[checks.CheckMessage] = []
-    aliases = _pooled_aliases()
+    aliases = pooled_aliases()
     for alias in aliases:
         settings_dict = connections.settings[alias]
         where = f"DATABASES[{alias!r}]"
@@ -158,6 +148,7 @@ def check_connection_budget(
     """``MAX_CONNS`` x processes, summed per server, against the server's ``max_connections``."""
     from django.db import connections
 
+    from .backends.base import pooled_aliases
     from .backends.options import parse_pool_settings
 
     if not databases:
@@ -166,7 +157,7 @@ def check_connection_budget(
     processes = expected_processes()
     # Aliases on the same server share its max_connections.
     by_server: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
-    for alias in _pooled_aliases():
+    for alias in pooled_aliases():
         settings_dict = connections.settings[alias]
         try:
             max_conns = parse_pool_settings(alias, settings_dict).max_conns

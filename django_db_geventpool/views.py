@@ -19,30 +19,19 @@ from __future__ import annotations
 
 import os
 
-from django.db import connections
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_safe
 
-from .backends.base import PooledDatabaseWrapperMixin
+from . import get_stats
+from .backends.base import pooled_aliases
 
 __all__ = ["pooled_aliases", "stats_view"]
-
-
-def pooled_aliases() -> list[str]:
-    """The ``DATABASES`` aliases whose ENGINE is a django_db_geventpool backend."""
-    return [
-        alias for alias in connections.settings
-        if isinstance(connections[alias], PooledDatabaseWrapperMixin)
-    ]
 
 
 @require_safe
 def stats_view(request: HttpRequest) -> JsonResponse:
     """``get_stats()`` of every pooled alias of this process, as JSON (GET/HEAD only)."""
-    databases = {}
-    for alias in pooled_aliases():
-        pool = connections[alias].geventpool
-        databases[alias] = pool.get_stats() if pool is not None else {}
+    databases = {alias: get_stats(alias) for alias in pooled_aliases()}
     response = JsonResponse({"pid": os.getpid(), "databases": databases})
     response["Cache-Control"] = "no-store"
     return response

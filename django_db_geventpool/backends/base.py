@@ -37,9 +37,9 @@ from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
-from .peering import build_peer_set, peer_connection_params, peer_target
+from .peering import build_peer_set, peer_connection_params, peer_settings
 
-__all__ = ["PooledDatabaseWrapperMixin"]
+__all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,13 @@ class PooledDatabaseWrapperMixin:
         return lease.connection
 
     def _target(self, peer_set: Any) -> tuple:
-        settings_dict = self.settings_dict
-        target = tuple(map(settings_dict.get, _TARGET_KEYS))  # per checkout: no generator
+        target = connection_target(self.settings_dict)
         if peer_set is None:
             return target
         # An idle connection to any peer will do: the target is the whole set's,
         # and it changes (closing idle connections) when any peer's entry does.
         return (target,) + tuple(
-            peer_target(peer.name, _TARGET_KEYS) for peer in peer_set.peers[1:]
+            connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]
         )
 
     def _pool_opener(self, peer_set: Any) -> Any:
@@ -258,6 +257,21 @@ class PooledDatabaseWrapperMixin:
         if self._pool_lease is not None:
             self._pool_lease = None
             self.connection = None
+
+
+def pooled_aliases() -> list[str]:
+    """The ``DATABASES`` aliases whose ENGINE is a django_db_geventpool backend."""
+    from django.db import connections
+
+    return [
+        alias for alias in connections.settings
+        if isinstance(connections[alias], PooledDatabaseWrapperMixin)
+    ]
+
+
+def connection_target(settings_dict: dict[str, Any]) -> tuple:
+    """What identifies the server and account of a ``DATABASES`` entry (``_TARGET_KEYS``)."""
+    return tuple(map(settings_dict.get, _TARGET_KEYS))  # per checkout: no generator
 
 
 def _configured_isolation_level(settings_dict: dict[str, Any]) -> Any:

@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ..peers import PeerSet
 from .options import PoolSettings
 
-__all__ = ["build_peer_set", "peer_connection_params", "peer_settings", "peer_target"]
+__all__ = ["build_peer_set", "peer_connection_params", "peer_settings"]
 
 
 def peer_settings(peer: str) -> dict[str, Any]:
@@ -62,9 +62,3 @@ def peer_connection_params(wrapper: Any, peer: str) -> dict[str, Any]:
     if peer == wrapper.alias:
         return wrapper.get_connection_params()
     return type(wrapper)(peer_settings(peer), peer).get_connection_params()
-
-
-def peer_target(peer: str, keys: tuple[str, ...]) -> tuple:
-    """What identifies the server and account of ``peer`` (see ``_TARGET_KEYS``)."""
-    settings_dict = peer_settings(peer)
-    return tuple(settings_dict.get(key) for key in keys)
