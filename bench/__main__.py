@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from bench import report
+from bench.cluster import ROOT, bench_database
 from bench.references import REFERENCES, Reference
 from bench.workloads import Sizes
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WORKER_TIMEOUT = 240
 
@@ -53,6 +53,29 @@ def worker_pythonpath() -> Path:
     return path
 
 
+def run_worker_process(ref: Reference, config: dict, *, label: str, python: str | None = None,
+                       timeout: float = WORKER_TIMEOUT, extra_env: dict[str, str] | None = None,
+                       wrapper: tuple[str, ...] = ()) -> dict:
+    """Run `bench.worker` on ``config`` in a new process (under ``wrapper``, e.g. valgrind,
+    if given) with ``ref``'s virtualenv, or ``python``; return what it wrote to
+    ``config["output"]``."""
+    output = Path(config["output"])
+    config_path = output.with_suffix(".config.json")
+    config_path.write_text(json.dumps(config))
+    python = python or str(ROOT / ".venvs" / ref.venv / "bin" / "python")
+    env = {**os.environ, "PYTHONPATH": str(worker_pythonpath()), **(extra_env or {})}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*wrapper, python, "-P", "-m", "gevent.monkey", "--module", "bench.worker", str(config_path)],
+        cwd=output.parent, env=env, timeout=timeout, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
+    logger.info("%-40s %.1fs", label, time.monotonic() - started)
+    return json.loads(output.read_text())
+
+
 def run_worker(ref: Reference, db: dict, sizes: Sizes, output: Path, python: str | None = None,
                timeout: float = WORKER_TIMEOUT) -> dict:
     """Run one round of ``ref`` in a new process; return its results."""
@@ -62,20 +85,7 @@ def run_worker(ref: Reference, db: dict, sizes: Sizes, output: Path, python: str
         "sizes": dataclasses.asdict(sizes),
         "output": str(output),
     }
-    config_path = output.with_suffix(".config.json")
-    config_path.write_text(json.dumps(config))
-    python = python or str(ROOT / ".venvs" / ref.venv / "bin" / "python")
-    env = {**os.environ, "PYTHONPATH": str(worker_pythonpath())}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    started = time.monotonic()
-    proc = subprocess.run(
-        [python, "-P", "-m", "gevent.monkey", "--module", "bench.worker", str(config_path)],
-        cwd=output.parent, env=env, timeout=timeout, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{ref.name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
-    logger.info("%-22s %.1fs", ref.name, time.monotonic() - started)
-    return json.loads(output.read_text())
+    return run_worker_process(ref, config, label=ref.name, python=python, timeout=timeout)
 
 
 def machine_info() -> dict:
@@ -114,28 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         refs = [REFERENCES[w] for w in wanted]
     sizes = QUICK_SIZES if args.quick else Sizes()
 
-    sys.path.insert(0, str(ROOT))
-    from tests.pgserver import PostgresCluster
-
     started = time.monotonic()
     machine = machine_info()
-    # Room for the references without a cap (1,000 greenlets, 1,000 connections).
-    cluster = PostgresCluster(settings={"max_connections": "1200", "shared_buffers": "128MB"})
-    cluster.start()
     run_dir = RESULTS / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {ref.name: [] for ref in refs}
-    try:
-        cluster.psql("CREATE DATABASE bench")
+    # Room for the references without a cap (1,000 greenlets, 1,000 connections).
+    with bench_database(max_connections="1200", shared_buffers="128MB") as (cluster, db):
         machine["postgresql"] = cluster.psql("SHOW server_version")
-        db = {**cluster.database_settings("bench", tcp=True)}
         for round_no in range(1, args.rounds + 1):
             logger.info("round %d of %d", round_no, args.rounds)
             for ref in refs:
                 output = run_dir / f"{ref.slug}.{round_no}.json"
                 results[ref.name].append(run_worker(ref, db, sizes, output))
-    finally:
-        cluster.destroy()
     machine["loadavg_end"] = os.getloadavg()[0]
     machine["seconds"] = round(time.monotonic() - started)
     summary = report.summarize(results)

@@ -25,21 +25,21 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.__main__ import RESULTS, ROOT, machine_info, worker_pythonpath
-from bench.references import REFERENCES, Reference
+from bench.__main__ import RESULTS, machine_info, run_worker_process
+from bench.cluster import ROOT, bench_database
+from bench.references import MAX_CONNS, REFERENCES, Reference
+from bench.workloads import FLOOR
 
 logger = logging.getLogger("bench.countwork")
 
 WAITERS = (10, 1000, 5000)
 LAST_LEVEL_CACHE = "1048576,16,64"  # size, associativity, line size
-FLOOR = "gevent FIFO floor"
 
 
 @dataclass(frozen=True)
@@ -79,38 +79,30 @@ def run_waiting_worker(subject: Subject, waiters: int, checkouts: int, *, db: di
     """Run the waiting workload once in a worker process (under cachegrind when ``trace``
     names its output file); the worker's result."""
     stem = _stem(subject, waiters, checkouts)
-    config_path = run_dir / f"{stem}.config.json"
-    output = run_dir / f"{stem}.json"
-    config_path.write_text(json.dumps({
+    config = {
         "reference": asdict(subject.ref),
         "db": db,
-        "output": str(output),
+        "output": str(run_dir / f"{stem}.json"),
         "waiting_only": {"waiters": waiters, "checkouts": checkouts, "floor": subject.floor},
-    }))
-    python = python or str(ROOT / ".venvs" / subject.ref.venv / "bin" / "python")
-    # A fixed hash seed: the same dict layouts, so the same work, in every run.
-    env = {**os.environ, "PYTHONPATH": str(worker_pythonpath()), "PYTHONHASHSEED": "0"}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    argv = [python, "-P", "-m", "gevent.monkey", "--module", "bench.worker", str(config_path)]
+    }
+    wrapper: tuple[str, ...] = ()
     if trace is not None:
-        argv = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={LAST_LEVEL_CACHE}",
-                f"--cachegrind-out-file={trace}", *argv]
-    started = time.monotonic()
-    proc = subprocess.run(argv, cwd=run_dir, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{stem} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
-    result = json.loads(output.read_text())
+        wrapper = ("valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={LAST_LEVEL_CACHE}",
+                   f"--cachegrind-out-file={trace}")
+    # A fixed hash seed: the same dict layouts, so the same work, in every run.
+    result = run_worker_process(subject.ref, config, label=stem, python=python, timeout=1800,
+                                extra_env={"PYTHONHASHSEED": "0"}, wrapper=wrapper)
     if result["errors"]:
         raise RuntimeError(f"{stem}: {result['errors']} checkouts failed")
-    logger.info("%-40s %.0fs", stem, time.monotonic() - started)
     return result
 
 
-def run_once(subject: Subject, waiters: int, checkouts: int, *, db: dict, run_dir: Path) -> dict[str, int]:
-    """One run under cachegrind; its event totals."""
+def run_once(subject: Subject, waiters: int, checkouts: int, *, db: dict,
+             run_dir: Path) -> tuple[dict, dict[str, int]]:
+    """One run under cachegrind: the worker's result and cachegrind's event totals."""
     trace = run_dir / f"{_stem(subject, waiters, checkouts)}.cachegrind"
-    run_waiting_worker(subject, waiters, checkouts, db=db, run_dir=run_dir, trace=trace)
-    return _cachegrind_totals(trace)
+    result = run_waiting_worker(subject, waiters, checkouts, db=db, run_dir=run_dir, trace=trace)
+    return result, _cachegrind_totals(trace)
 
 
 def per_checkout(short: dict[str, int], long: dict[str, int], checkouts: int) -> dict[str, float]:
@@ -206,32 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.long <= args.short:
         parser.error("--long must be larger than --short")
     waiters = [int(w) for w in args.waiters.split(",")]
-    subjects = [s for s in SUBJECTS if not args.only or s.label in args.only.split(",")]
-
-    sys.path.insert(0, str(ROOT))
-    from tests.pgserver import PostgresCluster
+    subjects = list(SUBJECTS)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [w for w in wanted if w not in {s.label for s in SUBJECTS}]
+        if unknown:
+            parser.error(f"unknown subjects {unknown}; known: {[s.label for s in SUBJECTS]}")
+        subjects = [s for s in SUBJECTS if s.label in wanted]
 
     started = time.monotonic()
     machine = machine_info()
-    cluster = PostgresCluster(settings={"max_connections": "200"})
-    cluster.start()
     run_dir = RESULTS / time.strftime("work-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        cluster.psql("CREATE DATABASE bench")
-        db = cluster.database_settings("bench", tcp=True)
-        jobs = {
-            (subject.label, w, n): (subject, w, n)
-            for subject in subjects for w in waiters for n in (args.short, args.long)
-        }
-        # One valgrind per core: each is single-threaded, and their counts do not
-        # depend on sharing the machine.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as executor:
-            futures = {key: executor.submit(run_once, *job, db=db, run_dir=run_dir)
-                       for key, job in jobs.items()}
-            totals = {key: future.result() for key, future in futures.items()}
-    finally:
-        cluster.destroy()
+    # One valgrind per core: each is single-threaded, and their counts do not
+    # depend on sharing the machine. Each holds up to MAX_CONNS connections.
+    parallel = os.cpu_count() or 1
+    with bench_database(max_connections=str(20 + (MAX_CONNS + 1) * parallel)) as (_, db):
+        with ThreadPoolExecutor(max_workers=parallel) as executor:
+            futures = {
+                (subject.label, w, n): executor.submit(run_once, subject, w, n, db=db, run_dir=run_dir)
+                for subject in subjects for w in waiters for n in (args.short, args.long)
+            }
+            runs = {key: future.result() for key, future in futures.items()}
+    totals = {key: counted for key, (_, counted) in runs.items()}
     rows = {
         subject.label: {
             w: per_checkout(totals[(subject.label, w, args.short)],
@@ -242,12 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     machine["seconds"] = round(time.monotonic() - started)
     (run_dir / "summary.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    versions = subprocess.run(
-        [str(ROOT / ".venvs" / "bench-psycopg3" / "bin" / "python"), "-c",
-         "import platform, django, gevent, greenlet; print(f'Python {platform.python_version()}, "
-         "Django {django.get_version()}, gevent {gevent.__version__}, greenlet {greenlet.__version__}')"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
+    # The versions of the first run's process (every subject runs Python, Django and gevent).
+    meta = next(iter(runs.values()))[0]["meta"]
+    found = meta["versions"]
+    versions = (f"Python {meta['python']}, Django {found['django']}, gevent {found['gevent']}, "
+                f"greenlet {found['greenlet']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(out / "benchmarks-work.md", rows, machine, args.short, args.long, versions)

@@ -19,9 +19,9 @@ from time import perf_counter, process_time  # noqa: E402
 
 import gevent  # noqa: E402
 
-from bench.references import REFERENCES, django_settings, make_client  # noqa: E402
-from bench.worker import _ensure_table  # noqa: E402
-from tests.pgserver import PostgresCluster  # noqa: E402
+from bench.cluster import bench_database  # noqa: E402
+from bench.references import REFERENCES  # noqa: E402
+from bench.worker import prepare  # noqa: E402
 
 
 def main() -> int:
@@ -36,24 +36,8 @@ def main() -> int:
     except ImportError:
         parser.error("pyinstrument is not installed: PROFILER=pyinstrument bench/prepare")
 
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        cluster.psql("CREATE DATABASE bench")
-        db = cluster.database_settings("bench", tcp=True)
-        dsn = f"host={db['HOST']} port={db['PORT']} dbname=bench user={db['USER']} password={db['PASSWORD']}"
-        _ensure_table(ref.driver, dsn)
-        if ref.driver == "psycopg2":
-            from psycogreen.gevent import patch_psycopg
-
-            patch_psycopg()
-        if ref.kind != "raw":
-            import django
-            from django.conf import settings
-
-            settings.configure(**django_settings(ref, db))
-            django.setup()
-        client = make_client(ref, dsn)
+    with bench_database() as (_, db):
+        client = prepare(ref, db)
 
         def cycles(count: int) -> None:
             acquire, query, release = client.acquire, client.query, client.release
@@ -78,8 +62,6 @@ def main() -> int:
         # In a Greenlet, as a request in a gevent worker (the lease links to it).
         gevent.spawn(run).get()
         client.close()
-    finally:
-        cluster.destroy()
     return 0
 
 

@@ -15,11 +15,10 @@ worker process builds the settings and the client, importing Django lazily.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Reference", "REFERENCES", "MAX_CONNS", "QUERY_SQL", "django_settings", "make_client"]
+__all__ = ["Reference", "REFERENCES", "MAX_CONNS", "QUERY_SQL", "django_settings", "make_client", "raw_connect"]
 
 # The pool size of every capped reference.
 MAX_CONNS = 10
@@ -154,7 +153,6 @@ class DjangoClient:
         from bench.benchapp.models import Item
 
         self._connections = connections
-        self._exists = Item.objects.filter(pk=1).exists
         self._item = Item
 
     def prepare(self) -> None:
@@ -189,7 +187,7 @@ class RawClient:
         # LIFO, like the pools: the most recently used connection (and server
         # process) is the warm one; a FIFO would rotate through all of them.
         self._queue: LifoQueue = LifoQueue()
-        self._conns = [_raw_connect(driver, dsn) for _ in range(size)]
+        self._conns = [raw_connect(driver, dsn) for _ in range(size)]
         for conn in self._conns:
             self._queue.put(conn)
 
@@ -215,7 +213,8 @@ class RawClient:
             conn.close()
 
 
-def _raw_connect(driver: str, dsn: str) -> Any:
+def raw_connect(driver: str, dsn: str) -> Any:
+    """A driver connection outside any pool, in autocommit (raw_limit's, the sampler's)."""
     if driver == "psycopg3":
         import psycopg
 
@@ -232,11 +231,3 @@ def make_client(ref: Reference, dsn: str) -> DjangoClient | RawClient:
         return RawClient(ref.driver, f"{dsn} application_name=bench-{ref.slug}", MAX_CONNS)
     return DjangoClient()
 
-
-def raw_connect(driver: str, dsn: str) -> Any:
-    """A driver connection outside any pool (the sampler's)."""
-    return _raw_connect(driver, dsn)
-
-
-def in_site_packages(module: Any) -> bool:
-    return "site-packages" in os.path.abspath(module.__file__)

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.workloads import FLOOR
+
 __all__ = ["summarize", "targets", "write_markdown", "write_plot", "OLD", "orm_held_of"]
 
 OLD = "old_geventpool"
@@ -234,7 +236,7 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "`MAX_CONNS=10` (no query), timed in the steady state: µs per checkout with about that many "
         "checkouts queued. First the CPU time of the benchmark process (the work itself, whatever "
         "else ran on the machine), then wall time. References without a cap have no queue. "
-        "`gevent FIFO floor` is no pool at all: a slot count and a queue of gevent hub `Waiter`s "
+        f"`{FLOOR}` is no pool at all: a slot count and a queue of gevent hub `Waiter`s "
         "served in order, the least a first-come-first-served pool has to do; its growth is the "
         "hub's (the greenlet woken has waited longest, so its memory is the coldest). "
         "The gevent queues of `raw_limit` and `old_geventpool` are not first come, first served: "
@@ -245,7 +247,7 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "|---|" + "---:|" * (len(sizes.waiters) + 2),
     ]
     rows = [(f"`{n}`", summary[n]["waiting"]) for n in names if summary[n]["waiting"] is not None]
-    rows += [("`gevent FIFO floor`", summary[n]["waiting_floor"]) for n in names
+    rows += [(f"`{FLOOR}`", summary[n]["waiting_floor"]) for n in names
              if summary[n].get("waiting_floor")]
     for label, waiting in rows:
         cells = [f"{waiting[str(w)]['cpu_us_per_checkout']:.1f} / {waiting[str(w)]['us_per_checkout']:.1f}"

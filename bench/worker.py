@@ -52,12 +52,6 @@ def _dsn(db: dict[str, Any]) -> str:
 
 
 def _setup_django(ref: Reference, db: dict[str, Any]) -> None:
-    if ref.driver == "psycopg2":
-        # Before any connection: the old package relies on the user doing this,
-        # and the stock backend needs it to be cooperative at all.
-        from psycogreen.gevent import patch_psycopg
-
-        patch_psycopg()
     import django
     from django.conf import settings
 
@@ -88,19 +82,27 @@ def _ensure_table(driver: str, dsn: str) -> None:
         conn.close()
 
 
+def prepare(ref: Reference, db: dict[str, Any]) -> Any:
+    """What every run of ``ref`` needs first: the table, a cooperative driver, Django
+    (unless the driver alone is measured); the client to measure."""
+    dsn = _dsn(db)
+    _ensure_table(ref.driver, dsn)
+    if ref.driver == "psycopg2":
+        # Before any pooled connection: the old package relies on the user doing
+        # this, and the stock backend needs it to be cooperative at all.
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+    if ref.kind != "raw":
+        _setup_django(ref, db)
+    return make_client(ref, dsn)
+
+
 def run(config: dict[str, Any]) -> dict[str, Any]:
     ref = Reference(**config["reference"])
     sizes = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["sizes"].items()})
     db = config["db"]
-    dsn = _dsn(db)
-    _ensure_table(ref.driver, dsn)
-    if ref.kind != "raw":
-        _setup_django(ref, db)
-    elif ref.driver == "psycopg2":
-        from psycogreen.gevent import patch_psycopg
-
-        patch_psycopg()
-    client = make_client(ref, dsn)
+    client = prepare(ref, db)
     result: dict[str, Any] = {"reference": ref.name, "meta": _meta(ref)}
 
     def measure() -> None:
@@ -113,7 +115,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         result["overhead"] = checkout_overhead(client, sizes.overhead_n)
         seconds["overhead"] = perf_counter() - clock
         clock = perf_counter()
-        sampler_conn = raw_connect(ref.driver, dsn)
+        sampler_conn = raw_connect(ref.driver, _dsn(db))
         sampler = Sampler(sampler_conn, "bench-" + ref.slug)
         try:
             result["throughput"] = [
@@ -169,17 +171,14 @@ def run_waiting_only(config: dict[str, Any]) -> dict[str, Any]:
     floor): what `bench.countwork` runs under cachegrind."""
     ref = Reference(**config["reference"])
     only = config["waiting_only"]
-    db = config["db"]
-    dsn = _dsn(db)
-    _ensure_table(ref.driver, dsn)
-    _setup_django(ref, db)
-    client = make_client(ref, dsn)
+    client = prepare(ref, config["db"])
     try:
         # One connection opened and returned first, as in the full run.
         handle = client.acquire()
         client.release(handle)
         subject = FifoFloor(MAX_CONNS) if only["floor"] else client
-        return gevent.spawn(waiting_scale, subject, only["waiters"], MAX_CONNS, only["checkouts"]).get()
+        waiting = gevent.spawn(waiting_scale, subject, only["waiters"], MAX_CONNS, only["checkouts"]).get()
+        return {**waiting, "meta": _meta(ref)}
     finally:
         client.close()
 

@@ -261,6 +261,7 @@ def waiting_scale(client, waiters: int, max_conns: int, checkouts: int) -> dict[
                     handle = acquire()
                 except Exception:
                     state["errors"] += 1
+                    sleep(0.001)  # as in throughput(): never spin without yielding
                     continue
                 sleep(0)
                 release(handle)
@@ -286,6 +287,10 @@ def waiting_scale(client, waiters: int, max_conns: int, checkouts: int) -> dict[
         "cpu_us_per_checkout": state["cpu"] / checkouts * 1e6,
         "errors": state["errors"],
     }
+
+
+# How reports name `FifoFloor`'s figures.
+FLOOR = "gevent FIFO floor"
 
 
 class FifoFloor:
