@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 PYTEST = $(VENV)/bin/python -m gevent.monkey --module pytest
 
-.PHONY: test test-matrix test-postgis venv demo bench bench-work bench-smoke clean
+.PHONY: test test-matrix test-postgis venv demo bench bench-work clean
 
 venv:
 	@scripts/mkvenv $(VENV) $(PY) '$(DJANGO)' $(DRIVER),test
@@ -38,7 +38,6 @@ test-matrix:
 
 ## make demo: gunicorn + gevent workers on the pool, against a throwaway PostgreSQL
 demo: venv
-	@$(VENV)/bin/pip install -q --disable-pip-version-check gunicorn
 	$(VENV)/bin/python example/demo.py
 
 ## make bench: our pool against every reference, in one run (writes docs/benchmarks.md and .png)

@@ -23,6 +23,7 @@ monkey.patch_all()
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -217,7 +218,7 @@ def main() -> int:
 
         def on_result(result: RequestResult) -> None:
             progress.add(result)
-            if progress.done == REQUESTS // 2:
+            if progress.done >= max(1, REQUESTS // 2):
                 halfway.set()
 
         def restart_halfway() -> None:
@@ -255,9 +256,7 @@ def main() -> int:
             gunicorn.kill_group()
         if cluster is not None:
             cluster.destroy()
-        for leftover in workdir.glob("*"):
-            leftover.unlink()
-        workdir.rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
         say("stopped gunicorn and PostgreSQL; removed their files.")
 
 
