@@ -1,9 +1,12 @@
-"""Test helpers: raw driver connections, a server-side connection sampler."""
+"""Test helpers: raw driver connections, server-side views of the pool, a sampler."""
 
 from __future__ import annotations
 
+from time import monotonic
+
 import gevent
 
+from tests.eventually import wait_until
 from tests.settings.base import TEST_APPLICATION_NAME
 
 
@@ -48,10 +51,62 @@ def pool_backends(conn, state: str | None = None) -> list[tuple]:
     return query(conn, sql, args)
 
 
-class ServerConnectionSampler:
-    """Counts the pool's server connections every few ms, on its own connection."""
+def pool_pids(conn, state: str | None = None) -> set[int]:
+    """The backend pids of the pool's server connections (in ``state``, if given)."""
+    return {pid for pid, _ in pool_backends(conn, state)}
 
-    def __init__(self, interval: float = 0.005) -> None:
+
+def wait_until_gone(conn, *pids: int) -> None:
+    """Wait until no backend of the server (of any application) has one of ``pids``."""
+    gone = set(pids)
+
+    def none_listed() -> bool:
+        return not gone & {pid for (pid,) in query(conn, "SELECT pid FROM pg_stat_activity")}
+
+    wait_until(none_listed)
+
+
+def terminate_backend(*pids: int) -> None:
+    """``pg_terminate_backend`` each pid from a fresh observer; return once all are gone."""
+    observer = raw_connect()
+    try:
+        for pid in pids:
+            assert query(observer, "SELECT pg_terminate_backend(%s)", [pid]) == [(True,)], pid
+        wait_until_gone(observer, *pids)
+    finally:
+        observer.close()
+
+
+def backend_pid(alias: str = "default") -> int:
+    """The server pid of ``alias``'s connection (checked out if needed, kept)."""
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def request_pid(alias: str = "default") -> int:
+    """One request: check out, read the server pid, give the connection back."""
+    from django.db import connections
+
+    try:
+        return backend_pid(alias)
+    finally:
+        connections[alias].close()
+
+
+class ServerConnectionSampler:
+    """Counts the server connections of one ``application_name`` every ``interval`` s.
+
+    Samples on a connection of its own, in a greenlet, between `start` and `stop`
+    (or for the ``with`` block, which also closes that connection). `stop`
+    re-raises a failed sample: a failure must fail the test, not silently
+    shorten the series.
+    """
+
+    def __init__(self, application_name: str = TEST_APPLICATION_NAME, interval: float = 0.005) -> None:
+        self.application_name = application_name
         self.interval = interval
         self.samples: list[int] = []
         self._conn = raw_connect()
@@ -62,20 +117,50 @@ class ServerConnectionSampler:
     def peak(self) -> int:
         return max(self.samples, default=0)
 
+    def count(self) -> int:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        return query(self._conn, sql, [self.application_name])[0][0]
+
     def _run(self) -> None:
         while not self._stopping:
-            self.samples.append(len(pool_backends(self._conn)))
+            self.samples.append(self.count())
             gevent.sleep(self.interval)
 
-    def __enter__(self) -> "ServerConnectionSampler":
+    def start(self) -> None:
+        assert self._greenlet is None, "already sampling"
+        self._stopping = False
         self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop sampling (if started), re-raising a failed sample; take a last sample."""
+        greenlet, self._greenlet = self._greenlet, None
+        if greenlet is None:
+            return
+        # Stop between samples, not kill(): a kill during a query would leave
+        # the connection busy (or broken) for the last sample below.
+        self._stopping = True
+        greenlet.get()
+        self.samples.append(self.count())
+
+    def wait_for(self, expected: int, timeout: float = 10.0) -> int:
+        """The count once it equals ``expected``, or the last count seen at the deadline."""
+        assert self._greenlet is None, "stop sampling first: they share a connection"
+        deadline = monotonic() + timeout
+        while True:
+            count = self.count()
+            if count == expected or monotonic() > deadline:
+                return count
+            gevent.sleep(0.05)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self._conn.close()
+
+    def __enter__(self) -> "ServerConnectionSampler":
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._greenlet is not None
-        # Stop between samples: a kill during a query would leave the
-        # connection busy for the last sample below.
-        self._stopping = True
-        self._greenlet.join()
-        self.samples.append(len(pool_backends(self._conn)))
-        self._conn.close()
+        self.close()

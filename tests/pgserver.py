@@ -132,9 +132,6 @@ class PostgresCluster:
         self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-l", str(self.logfile),
                    "-m", mode, "-w", "-t", "60", "restart"])
 
-    def reload(self) -> None:
-        self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "reload"])
-
     def is_running(self) -> bool:
         result = self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "status"], check=False)
         return result.returncode == 0
@@ -143,12 +140,6 @@ class PostgresCluster:
         if self.datadir.exists():
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def set_hba(self, lines: list[str]) -> None:
-        """Replace pg_hba.conf and reload."""
-        hba = self.datadir / "pg_hba.conf"
-        hba.write_text("\n".join(lines) + "\n")
-        self.reload()
 
     # -- connection settings ------------------------------------------------------
 

@@ -59,7 +59,6 @@ class _Proxy:
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix=f"geventpool-{self.binary_name}-"))
         self.process: subprocess.Popen | None = None
-        self.starts = 0
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -79,12 +78,13 @@ class _Proxy:
         finally:
             log.close()
         try:
-            wait_for_port(self.port, time.monotonic() + 10, host=self.host)
-        except TimeoutError:
+            # Given the process, a proxy that exits (bad config, port taken)
+            # fails at once instead of after the deadline.
+            wait_for_port(self.port, time.monotonic() + 10, process=self.process, host=self.host)
+        except (TimeoutError, RuntimeError) as exc:
             self.stop()
             output = self.output()[-3000:]
-            raise RuntimeError(f"{self.binary_name} did not start:\n{output}") from None
-        self.starts += 1
+            raise RuntimeError(f"{self.binary_name} did not start ({exc}):\n{output}") from None
         logger.info("%s listening on %s:%d", self.binary_name, self.host, self.port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import logging
 
-import gevent
-import gevent.event
 import pytest
 from celery import Celery
 from celery.result import ResultSet
 
-from tests.helpers import query, raw_connect
+from tests.helpers import ServerConnectionSampler
 from tests.servers import example_env, migrate_example, start_celery_worker, start_redis
 
 logger = logging.getLogger(__name__)
@@ -81,37 +79,17 @@ def _run_all(client, calls, timeout=120):
     return ResultSet(results, app=client).join(timeout=timeout, propagate=False)
 
 
-def _server_connections(conn) -> int:
-    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-    return query(conn, sql, [APP_NAME])[0][0]
-
-
 def test_thousand_orm_tasks_stay_under_the_cap_and_give_back(client, worker, product_id):
-    observer = raw_connect()
-    samples: list[int] = []
-    done = gevent.event.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(_server_connections(observer))
-            done.wait(0.01)
-
-    sampler = gevent.spawn(sample)
-    try:
+    with ServerConnectionSampler(APP_NAME, interval=0.01) as sampler:
         values = _run_all(client, [("shop.tasks.sell", (product_id,))] * TASKS)
-    finally:
-        done.set()
-        sampler.join()
-    samples.append(_server_connections(observer))
     stats = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
-    observer.close()
     logger.info("celery: %d tasks, peak %d server connections, worker stats %s",
-                len(values), max(samples), stats)
+                len(values), sampler.peak, stats)
 
     failures = [v for v in values if isinstance(v, BaseException)]
     assert failures == []
     assert sorted(values) == list(range(1, TASKS + 1))
-    assert 0 < max(samples) <= MAX_CONNS
+    assert 0 < sampler.peak <= MAX_CONNS
     # None left checked out, and none had to be reclaimed from an ended greenlet:
     # task_postrun gave every connection back.
     assert stats["pool_size"] - stats["pool_available"] == 0

@@ -14,7 +14,7 @@ from django_db_geventpool import get_stats
 from django_db_geventpool.backends.drivers import driver_ops
 from django_db_geventpool.pool import TransactionStatus
 from tests.eventually import wait_until
-from tests.helpers import pool_backends, raw_connect
+from tests.helpers import pool_backends, raw_connect, wait_until_gone
 from tests.testapp.models import Item
 
 
@@ -99,7 +99,7 @@ def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
     # ends that backend and rolls back its transaction.
     wait_until(lambda: get_stats()["pool_size"] == get_stats()["pool_available"])
     assert _next_checkout_is_clean() != pids[0]
-    wait_until(lambda: pids[0] not in {pid for pid, _ in pool_backends(observer)})
+    wait_until_gone(observer, pids[0])
     assert not _row_exists(name)
     assert pool_backends(observer, "idle in transaction") == []
 
@@ -144,21 +144,30 @@ def test_failed_transaction_is_rolled_back_on_return(configure_pool):
     _next_checkout_is_clean()
 
 
-def test_query_interrupted_by_a_timeout_is_closed_not_reused(configure_pool, observer):
-    configure_pool(MAX_CONNS=1, options=NOTICE_CLOSED_CLIENTS)
+def _query_interrupted_by_a_timeout(sleep_seconds: int) -> int:
+    """``pg_sleep(sleep_seconds)`` on the pooled connection, cut by a 0.2 s gevent.Timeout.
+
+    Returns the pid of the interrupted backend; the connection is not closed.
+    """
     with pytest.raises(gevent.Timeout):
         with gevent.Timeout(0.2):
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_backend_pid()")
                 interrupted_pid = cursor.fetchone()[0]
-                cursor.execute("SELECT pg_sleep(5)")
+                cursor.execute(f"SELECT pg_sleep({int(sleep_seconds)})")
+    return interrupted_pid
+
+
+def test_query_interrupted_by_a_timeout_is_closed_not_reused(configure_pool, observer):
+    configure_pool(MAX_CONNS=1, options=NOTICE_CLOSED_CLIENTS)
+    interrupted_pid = _query_interrupted_by_a_timeout(sleep_seconds=5)
     raw = connection.connection
     connection.close()
 
     assert driver_ops().is_closed(raw)
     assert get_stats()["returns_bad"] + get_stats()["connections_lost"] >= 1
     assert get_stats()["pool_size"] == 0
-    wait_until(lambda: interrupted_pid not in {pid for pid, _ in pool_backends(observer)})
+    wait_until_gone(observer, interrupted_pid)
     assert _next_checkout_is_clean() != interrupted_pid
 
 
@@ -169,14 +178,9 @@ if is_psycopg3:
 
     def test_interrupted_query_is_cancelled_in_the_server(configure_pool, observer):
         configure_pool(MAX_CONNS=1)
-        with pytest.raises(gevent.Timeout):
-            with gevent.Timeout(0.2):
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_backend_pid()")
-                    interrupted_pid = cursor.fetchone()[0]
-                    cursor.execute("SELECT pg_sleep(60)")
+        interrupted_pid = _query_interrupted_by_a_timeout(sleep_seconds=60)
         connection.close()
         # Without the cancel, this backend would sleep on for a minute: a server
         # connection beyond MAX_CONNS once the pool opens a replacement.
-        wait_until(lambda: interrupted_pid not in {pid for pid, _ in pool_backends(observer)})
+        wait_until_gone(observer, interrupted_pid)
         assert _next_checkout_is_clean() != interrupted_pid

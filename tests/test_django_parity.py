@@ -16,8 +16,7 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.db.backends.signals import connection_created
 
 from django_db_geventpool import get_stats
-from tests.eventually import wait_until
-from tests.helpers import pool_backends, query, raw_connect
+from tests.helpers import query, raw_connect, terminate_backend
 
 ROLE = "geventpool_parity_role"
 
@@ -153,12 +152,7 @@ def test_conn_health_checks_and_persistent_conn_max_age_are_harmless(configure_p
     assert get_stats()["pool_available"] == 1  # back in the pool despite CONN_MAX_AGE=None
     assert run_request() == first
 
-    observer = raw_connect()
-    try:
-        query(observer, "SELECT pg_terminate_backend(%s)", [first])
-        wait_until(lambda: first not in {pid for pid, _ in pool_backends(observer)})
-    finally:
-        observer.close()
+    terminate_backend(first)
     assert run_request() != first
     assert get_stats()["requests_errors"] == 0
 

@@ -12,13 +12,7 @@ from gevent.event import Event
 
 from django_db_geventpool import PoolTimeout, get_stats
 from tests.eventually import wait_until
-from tests.helpers import query, raw_connect
-
-
-def _backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
+from tests.helpers import backend_pid, request_pid, terminate_backend
 
 
 def _hold(seconds: float, holding: Event | None = None) -> None:
@@ -67,7 +61,7 @@ def test_checkout_times_out_with_a_message_that_explains(configure_pool):
     gevent.joinall(holders, raise_error=True)
     assert get_stats()["requests_errors"] == 1
     # The pool is fine afterwards.
-    assert _backend_pid() > 0
+    assert backend_pid() > 0
 
 
 def test_message_counts_the_other_waiters(configure_pool):
@@ -91,21 +85,15 @@ def test_waiter_is_served_when_a_holder_connection_is_discarded(configure_pool):
 
     def holder_closes_inside_atomic():
         with transaction.atomic():
-            holder_pid.append(_backend_pid())
+            holder_pid.append(backend_pid())
             holding.set()
             release.wait(5)
             # Closed inside atomic(): the pool must discard it, not reuse it.
             connection.close()
 
-    def waiter():
-        try:
-            return _backend_pid()
-        finally:
-            connection.close()
-
     holder = gevent.spawn(holder_closes_inside_atomic)
     holding.wait(5)
-    waiting = gevent.spawn(waiter)
+    waiting = gevent.spawn(request_pid)
     gevent.sleep(0.05)
     assert get_stats()["requests_waiting"] == 1
     release.set()
@@ -126,29 +114,19 @@ def test_waiter_is_served_when_the_holder_gives_back_a_terminated_connection(con
 
     def holder():
         try:
-            holder_pid.append(_backend_pid())
+            holder_pid.append(backend_pid())
             holding.set()
             killed.wait(5)
             with pytest.raises(OperationalError):
-                _backend_pid()
-        finally:
-            connection.close()
-
-    def waiter():
-        try:
-            return _backend_pid()
+                backend_pid()
         finally:
             connection.close()
 
     holding_greenlet = gevent.spawn(holder)
     holding.wait(5)
-    waiting = gevent.spawn(waiter)
+    waiting = gevent.spawn(request_pid)
     gevent.sleep(0.05)
-    observer = raw_connect()
-    try:
-        query(observer, "SELECT pg_terminate_backend(%s)", [holder_pid[0]])
-    finally:
-        observer.close()
+    terminate_backend(holder_pid[0])
     killed.set()
     holding_greenlet.get(timeout=5)
     assert waiting.get(timeout=5) != holder_pid[0]
@@ -162,7 +140,7 @@ def test_waiters_are_served_in_arrival_order(configure_pool):
 
     def request(number):
         try:
-            _backend_pid()
+            backend_pid()
             order.append(number)
         finally:
             connection.close()
@@ -199,7 +177,7 @@ def test_waiter_killed_as_it_is_served_does_not_lose_the_slot(configure_pool):
 
     def holder():
         try:
-            _backend_pid()
+            backend_pid()
             holding.set()
             release.wait(5)
         finally:

@@ -21,28 +21,14 @@ import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
-from tests.helpers import pool_backends, raw_connect
+from tests.helpers import backend_pid, pool_pids, raw_connect, request_pid
 
 logger = logging.getLogger(__name__)
 
 
-def _backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
-
-
 def _pooled_query_pids(count: int) -> list[int]:
     """``count`` requests in a row from a fresh greenlet each; their backend pids."""
-    pids = []
-
-    def request():
-        pids.append(_backend_pid())
-        connection.close()
-
-    for _ in range(count):
-        gevent.spawn(request).get()
-    return pids
+    return [gevent.spawn(request_pid).get() for _ in range(count)]
 
 
 def _open_idle_connections(count: int) -> set[int]:
@@ -50,7 +36,7 @@ def _open_idle_connections(count: int) -> set[int]:
     pids = []
 
     def hold():
-        pids.append(_backend_pid())
+        pids.append(backend_pid())
         gevent.sleep(0.02)
         connection.close()
 
@@ -64,8 +50,7 @@ def _child(report_fd: int) -> None:
     try:
         report["stats_at_start"] = get_stats()
         report["held_connection_forgotten"] = connection.connection is None
-        report["pids"] = [_backend_pid()]
-        connection.close()
+        report["pids"] = [request_pid()]
         report["pids"] += _pooled_query_pids(3)
         report["stats_at_end"] = get_stats()
         # Leave the way a well-behaved worker does: close everything, collect.
@@ -94,13 +79,13 @@ def _read_all(fd: int) -> bytes:
 def test_child_never_touches_the_parents_connections(configure_pool, query_in_flight):
     configure_pool(MAX_CONNS=3)
     parent_side = _open_idle_connections(3)
-    held_pid = _backend_pid()  # held by this greenlet across the fork
+    held_pid = backend_pid()  # held by this greenlet across the fork
     in_flight = None
     if query_in_flight:
         # A parent greenlet in the middle of a query when the fork happens (its
         # driver may hold the connection's lock at that moment).
         def slow_query():
-            pid = _backend_pid()
+            pid = backend_pid()
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_sleep(0.3)")
             connection.close()
@@ -128,7 +113,7 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
             parent_errors.append(exc)
 
     worker = gevent.spawn(keep_querying)
-    held_pids_meanwhile = [_backend_pid() for _ in range(20)]
+    held_pids_meanwhile = [backend_pid() for _ in range(20)]
     with gevent.Timeout(30, RuntimeError("the child did not finish")):
         try:
             report = json.loads(_read_all(read_fd) or b"{}")
@@ -154,7 +139,7 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
     # The parent never noticed: same server connections, no errors, none lost.
     assert parent_errors == []
     assert set(held_pids_meanwhile) == {held_pid}
-    assert _backend_pid() == held_pid
+    assert backend_pid() == held_pid
     assert set(parent_pids) <= parent_side
     stats = get_stats()
     assert stats["connections_lost"] == 0
@@ -162,7 +147,7 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
     assert stats["connections_num"] == stats_before["connections_num"]
     observer = raw_connect()
     try:
-        alive = {pid for pid, _ in pool_backends(observer)}
+        alive = pool_pids(observer)
     finally:
         observer.close()
     assert parent_side <= alive

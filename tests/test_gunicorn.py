@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
-import gevent
 import pytest
 
-from tests.helpers import query, raw_connect
+from tests.helpers import ServerConnectionSampler
 from tests.httpload import run_load
 from tests.servers import migrate_example, start_gunicorn, example_env
 
@@ -36,49 +34,6 @@ def example_db(cluster) -> int:
     return int(cluster.psql("SELECT count(*) FROM shop_product", dbname=EXAMPLE_DB))
 
 
-class ExampleConnections:
-    """Samples how many server connections the example's workers hold."""
-
-    def __init__(self) -> None:
-        self._conn = raw_connect()
-        self.samples: list[int] = []
-        self._greenlet: gevent.Greenlet | None = None
-        self._running = False
-
-    def count(self) -> int:
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        return query(self._conn, sql, [APP_NAME])[0][0]
-
-    def _run(self) -> None:
-        while self._running:
-            self.samples.append(self.count())
-            gevent.sleep(0.01)
-
-    def start(self) -> None:
-        self._running = True
-        self._greenlet = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        # Not kill(): a query interrupted half-way would break the connection.
-        self._running = False
-        if self._greenlet is not None:
-            self._greenlet.join()
-            self._greenlet = None
-
-    def wait_for(self, expected: int, deadline_seconds: float = 10.0) -> int:
-        """The count once it equals ``expected``, or the last count seen at the deadline."""
-        deadline = time.monotonic() + deadline_seconds
-        while True:
-            count = self.count()
-            if count == expected or time.monotonic() > deadline:
-                return count
-            gevent.sleep(0.05)
-
-    def close(self) -> None:
-        self.stop()
-        self._conn.close()
-
-
 @pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
 def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_path, preload):
     products = example_db
@@ -89,25 +44,24 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
     # The master's own idle connection (preload) is one more on the server.
     cap = WORKERS * MAX_CONNS + (1 if preload else 0)
     requests = 2000 if not preload else 600
-    sampler = ExampleConnections()
-    gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS, app=app,
-                                    extra_args=extra)
+    sampler = ServerConnectionSampler(APP_NAME, interval=0.01)
     try:
-        sampler.start()
-        load = run_load(port, "/products/summary", requests=requests, concurrency=100,
-                        keep_body=True)
-        sampler.stop()
-        stats_pids = {
-            json.loads(r.body)["pid"] for r in load.results if r.ok
-        }
-        pool_stats = run_load(port, "/pool/stats", requests=10, concurrency=1, keep_body=True)
-        returncode = gunicorn.stop()
-    finally:
-        sampler.stop()
-        gunicorn.kill_group()
-    try:
+        gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS, app=app,
+                                        extra_args=extra)
+        try:
+            sampler.start()
+            load = run_load(port, "/products/summary", requests=requests, concurrency=100,
+                            keep_body=True)
+            sampler.stop()
+            stats_pids = {
+                json.loads(r.body)["pid"] for r in load.results if r.ok
+            }
+            pool_stats = run_load(port, "/pool/stats", requests=10, concurrency=1, keep_body=True)
+            returncode = gunicorn.stop()
+        finally:
+            gunicorn.kill_group()  # sampler.close() below stops the sampling if still on
         left = sampler.wait_for(0)
-        peak = max(sampler.samples, default=0)
+        peak = sampler.peak
     finally:
         sampler.close()
     log = gunicorn.log()

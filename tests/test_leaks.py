@@ -19,6 +19,7 @@ import pytest
 from django.db import connection
 
 from django_db_geventpool import get_stats
+from tests.helpers import backend_pid
 from tests.testapp.models import Item
 
 logger = logging.getLogger(__name__)
@@ -30,19 +31,13 @@ def _leak_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if LEAK_WARNING in r.getMessage()]
 
 
-def _backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
-
-
 def test_leak_is_reported_once_with_the_checkout_stack(configure_pool, caplog):
     configure_pool(MAX_CONNS=2, LEAK_TIMEOUT=0.1)
     caplog.set_level(logging.WARNING, logger="django_db_geventpool")
     # Checked out deep inside the ORM (about 15 frames of Django): the report
     # must still reach this test.
     item = Item.objects.create(name="leak")
-    pid = _backend_pid()
+    pid = backend_pid()
     gevent.sleep(0.5)  # five leak timeouts
 
     warnings = _leak_warnings(caplog)
@@ -52,7 +47,7 @@ def test_leak_is_reported_once_with_the_checkout_stack(configure_pool, caplog):
     assert "test_leak_is_reported_once_with_the_checkout_stack" in warnings[0].getMessage()
     assert get_stats()["connections_leaked"] == 1
     # Reporting only: the holder still has the same server connection.
-    assert _backend_pid() == pid
+    assert backend_pid() == pid
     assert get_stats()["pool_size"] == 1
     item.delete()
     connection.close()
@@ -63,7 +58,7 @@ def test_connection_given_back_in_time_is_not_reported(configure_pool, caplog):
     configure_pool(LEAK_TIMEOUT=0.2)
     caplog.set_level(logging.WARNING, logger="django_db_geventpool")
     for _ in range(3):
-        _backend_pid()
+        backend_pid()
         connection.close()
     gevent.sleep(0.4)
     assert _leak_warnings(caplog) == []
@@ -112,9 +107,20 @@ def test_greenlet_ending_without_returning_gives_the_slot_back_without_gc(
         stats = get_stats()
         assert stats["requests_errors"] == 0
         assert stats["pool_size"] <= 2
-        # Both slots usable at once.
-        both = [gevent.spawn(_backend_pid) for _ in range(2)]
+        # Both slots usable at once: two checkouts held together, on two
+        # different server connections (each greenlet ends holding its own).
+        both_held = gevent.event.Event()
+        pids: list[int] = []
+
+        def hold_one() -> None:
+            pids.append(backend_pid())
+            if len(pids) == 2:
+                both_held.set()
+            assert both_held.wait(5), "the other slot was not usable meanwhile"
+
+        both = [gevent.spawn(hold_one) for _ in range(2)]
         gevent.joinall(both, raise_error=True)
+        assert len(set(pids)) == 2, pids
     finally:
         gc.enable()
     assert get_stats()["pool_size"] <= 2
@@ -134,4 +140,4 @@ def test_raw_greenlet_gives_the_slot_back_when_its_wrapper_is_collected(configur
         gc.collect()  # Django's wrapper is a reference cycle: only the collector frees it
         _wait_for_reclaims(n + 1)
     assert get_stats()["connections_reclaimed"] == 3
-    assert _backend_pid()
+    assert backend_pid()

@@ -57,8 +57,10 @@ def _route_default_alias_through(bouncer: PgBouncer) -> None:
     settings_dict["OPTIONS"]["TRANSACTION_POOLING"] = True
 
 
-def _server_connections_from_pgbouncer() -> int:
-    observer = raw_connect()
+def _server_connections_from_pgbouncer(cluster) -> int:
+    # Straight to PostgreSQL: through pgbouncer (where the default alias now
+    # points) the observer's own query would take one of its server connections.
+    observer = raw_connect(host=cluster.socket_dir, port=cluster.port)
     try:
         # pgbouncer reaches the server over TCP; the observer over the unix socket.
         return query(
@@ -70,7 +72,7 @@ def _server_connections_from_pgbouncer() -> int:
         observer.close()
 
 
-def test_orm_and_transactions_through_transaction_pooling(pgbouncer, configure_pool):
+def test_orm_and_transactions_through_transaction_pooling(cluster, pgbouncer, configure_pool):
     configure_pool(MAX_CONNS=6)
     connections.settings["default"]["TIME_ZONE"] = "Asia/Tokyo"
     errors = []
@@ -104,7 +106,7 @@ def test_orm_and_transactions_through_transaction_pooling(pgbouncer, configure_p
         # pgbouncer tracks TimeZone and sets it on every server connection it assigns.
         assert zones == {"Asia/Tokyo"}
         assert get_stats()["requests_errors"] == 0
-        assert 1 <= _server_connections_from_pgbouncer() <= SERVER_POOL_SIZE
+        assert 1 <= _server_connections_from_pgbouncer(cluster) <= SERVER_POOL_SIZE
         if is_psycopg3:
             with connection.cursor():
                 assert connection.connection.prepare_threshold is None

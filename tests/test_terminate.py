@@ -6,17 +6,7 @@ import gevent
 from django.db import connection
 
 from django_db_geventpool import get_stats
-from tests.eventually import wait_until
-from tests.helpers import pool_backends, query, raw_connect
-
-
-def _request() -> int:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            return cursor.fetchone()[0]
-    finally:
-        connection.close()
+from tests.helpers import pool_pids, raw_connect, request_pid, terminate_backend
 
 
 def _fill_pool(size: int) -> set[int]:
@@ -41,15 +31,13 @@ def test_every_idle_connection_terminated_then_200_requests_succeed(configure_po
 
     observer = raw_connect()
     try:
-        idle = {pid for pid, _ in pool_backends(observer, "idle")} & pooled
+        idle = pool_pids(observer, "idle") & pooled
         assert idle == pooled  # the whole pool sits idle
-        for pid in idle:
-            query(observer, "SELECT pg_terminate_backend(%s)", [pid])
-        wait_until(lambda: not idle & {pid for pid, _ in pool_backends(observer)})
+        terminate_backend(*idle)
 
-        greenlets = [gevent.spawn(_request) for _ in range(200)]
+        greenlets = [gevent.spawn(request_pid) for _ in range(200)]
         gevent.joinall(greenlets)
-        now_serving = {pid for pid, _ in pool_backends(observer)}
+        now_serving = pool_pids(observer)
     finally:
         observer.close()
 
@@ -67,14 +55,9 @@ def test_every_idle_connection_terminated_then_200_requests_succeed(configure_po
 
 def test_terminated_connection_found_by_a_sequential_request(configure_pool):
     configure_pool(MAX_CONNS=2, HEALTH_CHECK_DELAY=None)
-    pid = _request()
-    observer = raw_connect()
-    try:
-        query(observer, "SELECT pg_terminate_backend(%s)", [pid])
-        wait_until(lambda: pid not in {p for p, _ in pool_backends(observer)})
-    finally:
-        observer.close()
-    assert _request() != pid
+    pid = request_pid()
+    terminate_backend(pid)
+    assert request_pid() != pid
     stats = get_stats()
     assert stats["connections_lost"] == 1
     assert stats["requests_errors"] == 0

@@ -12,7 +12,6 @@ TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = ["django.contrib.contenttypes", "tests.testapp"]
 
-ENGINE = "django_db_geventpool.backends.postgresql_psycopg3"
 TEST_APPLICATION_NAME = "geventpool-test"
 
 
