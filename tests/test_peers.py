@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 PEERED = "peered"
 APPLICATION_NAME = "geventpool-peers-test"
 TEST_DB = "geventpool_test"
-ALIASES = ("peer_a", "peer_b", "peer_hanging", PEERED, "multihost")
+ALIASES = ("peer_a", "peer_b", "peer_hanging", "peer_refusing", PEERED, "multihost")
 
 
 def _entry(host: str, port: str | int, **options) -> dict:
@@ -307,15 +307,25 @@ def test_a_restarted_peer_takes_connections_again(clusters, peered):
     assert stats["peer.peer_b.connects"] >= 1
 
 
-def test_all_peers_down_fails_fast_naming_each_peer_then_recovers(clusters, peered):
+def test_all_peers_down_fails_fast_naming_each_peer_then_recovers(clusters, peered, caplog):
     a, b = clusters
     peered(MAX_CONNS=4, CHECK_INTERVAL=1.0, POOL_TIMEOUT=30.0)
     assert serve_request() in (str(a.port), str(b.port))
     stop_server(a)
     stop_server(b)
+    caplog.set_level(logging.WARNING, logger="django_db_geventpool")
 
+    started = monotonic()
     with pytest.raises(AllPeersDown) as first:
         serve_request()
+    # Not a PoolTimeout in disguise: far sooner than POOL_TIMEOUT (30 s).
+    assert monotonic() - started < 30.0 / 3
+    marked_down = [
+        r.getMessage() for r in caplog.records
+        if r.levelno == logging.WARNING and "marked down" in r.getMessage()
+    ]
+    for peer in ("'peered'", "'peer_b'"):
+        assert [m for m in marked_down if f"peer {peer} marked down" in m], marked_down
     message = str(first.value)
     for peer in ("'peered' down since", "'peer_b' down since"):
         assert peer in message
@@ -347,6 +357,89 @@ def test_all_peers_down_fails_fast_naming_each_peer_then_recovers(clusters, peer
     recovered = get_stats(PEERED)
     assert recovered["peer.peered.up"] == 1
     assert recovered["peer.peered.connections"] == 1
+
+
+def _refusing_peer() -> None:
+    """``peer_refusing``: a TCP port where nothing listens, so every connect is refused."""
+    connections.settings["peer_refusing"] = _entry("127.0.0.1", free_port())
+
+
+def _held_requests(count: int, alias: str = PEERED) -> list[tuple[str, str]]:
+    """``count`` requests holding a connection at once: (port, application_name) of each."""
+    all_in = gevent.event.Event()
+    answers: list[tuple[str, str]] = []
+
+    def request() -> None:
+        connection = connections[alias]
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT current_setting('port'), current_setting('application_name')")
+                answers.append(tuple(cursor.fetchone()))
+            if len(answers) == count:
+                all_in.set()
+            all_in.wait(10)
+        finally:
+            connection.close()
+
+    gevent.joinall([gevent.spawn(request) for _ in range(count)], raise_error=True)
+    return answers
+
+
+def test_peers_and_check_interval_inside_options(clusters, peered):
+    """PEERS and CHECK_INTERVAL in OPTIONS, nothing at the top level; each peer
+    connects with its own DATABASES entry (peer_b's own application_name)."""
+    a, b = clusters
+    peered(peers=())  # both clusters up; the alias is replaced below
+    _refusing_peer()
+    peer_b_options = connections.settings["peer_b"]["OPTIONS"]
+    peer_b_options["application_name"] = "geventpool-peer-b-own-entry"
+    try:
+        connections.settings[PEERED] = _entry(
+            a.socket_dir, a.port,
+            MAX_CONNS=4, PEERS=["peer_b", "peer_refusing"], CHECK_INTERVAL=7.5,
+        )
+        assert "PEERS" not in connections.settings[PEERED]
+        # Three connections at once, fewest per peer first: one on each peer, the
+        # refused one moved to A or B.
+        answers = _held_requests(3)
+    finally:
+        peer_b_options["application_name"] = APPLICATION_NAME
+    assert {port for port, _ in answers} == {str(a.port), str(b.port)}
+    # Each server saw the application_name of its own entry.
+    for port, application_name in answers:
+        expected = "geventpool-peer-b-own-entry" if port == str(b.port) else APPLICATION_NAME
+        assert application_name == expected, answers
+    stats = peer_stats()
+    assert stats["peer.peer_refusing.up"] == 0
+    assert stats["peer.peer_refusing.connects_failed"] == 1
+    assert stats["peer.peered.connections"] + stats["peer.peer_b.connections"] == 3
+    # Skipped for OPTIONS["CHECK_INTERVAL"], not the default 30 s.
+    peer_set: PeerSet = registry.pools[PEERED].peer_set  # type: ignore[attr-defined]
+    (refusing,) = [p for p in peer_set.peers if p.name == "peer_refusing"]
+    assert refusing.retry_at - refusing.down_since == pytest.approx(7.5)
+
+
+def test_top_level_check_interval_is_honoured(clusters, peered):
+    """PEERS and CHECK_INTERVAL at the top level (django-proxysql's form): a refused
+    peer is retried after CHECK_INTERVAL, not after the default 30 s."""
+    a, _ = clusters
+    _refusing_peer()
+    # REUSE_CONNS=0: every request opens a connection, so each could retry the peer.
+    peered(peers=["peer_refusing"], MAX_CONNS=2, REUSE_CONNS=0)
+    settings_dict = connections.settings[PEERED]
+    del settings_dict["OPTIONS"]["CHECK_INTERVAL"]
+    settings_dict["CHECK_INTERVAL"] = 1.0
+    # Two at once: the second goes to the peer with fewer connections, so the
+    # refusing peer is tried whichever the first one chose.
+    assert {port for port, _ in _held_requests(2)} == {str(a.port)}
+    assert peer_stats()["peer.peer_refusing.connects_failed"] == 1
+    assert serve_request() == str(a.port)  # within the interval: not tried
+    assert peer_stats()["peer.peer_refusing.connects_failed"] == 1
+    gevent.sleep(1.1)
+    assert serve_request() == str(a.port)  # due: retried (and refused again)
+    stats = peer_stats()
+    assert stats["peer.peer_refusing.connects_failed"] == 2
+    assert stats["peer.peer_refusing.up"] == 0
 
 
 def test_migrate_and_checks_run_on_whichever_peer_is_up(clusters, peered):

@@ -16,6 +16,7 @@ import pytest
 from django.db import OperationalError, connections
 
 from django_db_geventpool import get_stats, signals
+from tests.helpers import backend_pid
 from tests.load import Load
 from tests.pgserver import PostgresCluster
 
@@ -101,12 +102,6 @@ def _configure(**options) -> None:
     connections.settings[ALIAS]["OPTIONS"].update(options)
 
 
-def _backend_pid() -> int:
-    with connections[ALIAS].cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
-
-
 def _sessions(server: PostgresCluster) -> set[int]:
     out = server.psql(f"SELECT pid FROM pg_stat_activity WHERE usename = '{ROLE}'")
     return {int(line) for line in out.split()}
@@ -125,7 +120,7 @@ def _warm_up(count: int) -> list[int]:
     pids = []
 
     def hold():
-        pids.append(_backend_pid())
+        pids.append(backend_pid(ALIAS))
         gevent.sleep(0.02)
         connections[ALIAS].close()
 
@@ -133,8 +128,10 @@ def _warm_up(count: int) -> list[int]:
     return pids
 
 
-def test_password_rotated_under_load_fails_no_later_request(rotating, hooks):
+def test_password_rotated_under_load_fails_no_later_request(rotating, hooks, caplog):
     server = rotating
+    # Everything the package logs, down to DEBUG: no password may appear in it.
+    caplog.set_level(logging.DEBUG, logger="django_db_geventpool")
     store = SecretsStore({ROLE: "first-secret"})
 
     def fetch_password(dbwrapper):
@@ -162,6 +159,21 @@ def test_password_rotated_under_load_fails_no_later_request(rotating, hooks):
     stats = get_stats(ALIAS)
     assert stats["connections_lost"] >= 1
     assert stats["pool_size"] <= 4
+    _assert_no_password_logged(caplog, ["first-secret", "second-secret"])
+
+
+def _assert_no_password_logged(caplog, passwords: list[str]) -> None:
+    """No record of the package, formatted with its traceback, holds a password."""
+    records = [r for r in caplog.records if r.name.startswith("django_db_geventpool")]
+    messages = [r.getMessage() for r in records]
+    # Not vacuous: connects, lost connections and checkouts were logged.
+    assert any("opened connection" in m for m in messages)
+    assert any("discarding broken connection" in m for m in messages)
+    formatter = logging.Formatter()
+    for record in records:
+        text = formatter.format(record)
+        leaked = [p for p in passwords if p in text]
+        assert not leaked, f"password in a log record of {record.name}: {text}"
 
 
 def test_failing_hook_reaches_the_caller_and_the_pool_keeps_its_slots(rotating, hooks):
@@ -175,7 +187,7 @@ def test_failing_hook_reaches_the_caller_and_the_pool_keeps_its_slots(rotating, 
     hooks.pre(sealed_store)
     _terminate_sessions(rotating)
     with pytest.raises(RuntimeError, match="secrets store is sealed") as raised:
-        _backend_pid()
+        backend_pid(ALIAS)
     assert any("pre_reconnect" in note and ALIAS in note for note in raised.value.__notes__)
     connections[ALIAS].close()
     stats = get_stats(ALIAS)
@@ -203,11 +215,11 @@ def test_signals_fire_with_sender_and_dbwrapper(rotating):
     signals.pre_reconnect.connect(on_pre)
     signals.post_reconnect.connect(on_post)
     try:
-        first = _backend_pid()
+        first = backend_pid(ALIAS)
         connections[ALIAS].close()
         assert received == []  # a first connect is not a reconnect
         _terminate_sessions(rotating)
-        second = _backend_pid()
+        second = backend_pid(ALIAS)
     finally:
         signals.pre_reconnect.disconnect(on_pre)
         signals.post_reconnect.disconnect(on_post)
@@ -215,6 +227,69 @@ def test_signals_fire_with_sender_and_dbwrapper(rotating):
     assert first != second
     assert received == [("pre", type(wrapper), wrapper), ("post", type(wrapper), wrapper)]
     assert get_stats(ALIAS)["connections_lost"] == 1
+
+
+def test_post_reconnect_hook_runs_once_after_a_broken_connection_is_replaced(rotating, hooks):
+    _configure(MAX_CONNS=1)
+    calls = []
+
+    def before(dbwrapper):
+        calls.append(("pre hook", dbwrapper, get_stats(ALIAS)["connections_lost"]))
+
+    def after(dbwrapper):
+        calls.append(("post hook", dbwrapper, get_stats(ALIAS)["connections_lost"]))
+
+    def on_post(sender, dbwrapper, **kwargs):
+        calls.append(("post signal", dbwrapper, get_stats(ALIAS)["connections_lost"]))
+
+    hooks.pre(before)
+    hooks.post(after)
+    signals.post_reconnect.connect(on_post)
+    try:
+        first = backend_pid(ALIAS)
+        connections[ALIAS].close()
+        assert calls == []  # a first connect is not a reconnect
+        assert backend_pid(ALIAS) == first  # nor is a reuse
+        connections[ALIAS].close()
+        assert calls == []
+
+        _terminate_sessions(rotating)
+        second = backend_pid(ALIAS)
+        connections[ALIAS].close()
+        third = backend_pid(ALIAS)  # the replacement is reused: no reconnect
+        connections[ALIAS].close()
+    finally:
+        signals.post_reconnect.disconnect(on_post)
+    wrapper = connections[ALIAS]
+    assert second != first and third == second
+    # Once, with the wrapper, after the broken connection was found (lost) and
+    # the pre hook ran; the hook runs before the signal's receivers.
+    assert calls == [
+        ("pre hook", wrapper, 1), ("post hook", wrapper, 1), ("post signal", wrapper, 1),
+    ]
+    # The post hook ran on a successful connect: the replacement serves.
+    stats = get_stats(ALIAS)
+    assert stats["connections_num"] == 2
+    assert stats["connections_errors"] == 0
+    assert stats["pool_size"] == 1
+
+
+def test_post_reconnect_hook_runs_only_when_a_retried_connect_succeeds(rotating, hooks):
+    connections.settings[ALIAS]["PASSWORD"] = "stale-secret"
+    _configure(MAX_CONNS=1, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.01)
+    calls = []
+
+    def fetch_password(dbwrapper):
+        calls.append("pre")
+        if calls.count("pre") == 2:
+            dbwrapper.settings_dict["PASSWORD"] = "first-secret"
+
+    hooks.pre(fetch_password)
+    hooks.post(lambda dbwrapper: calls.append("post"))
+    backend_pid(ALIAS)
+    # Retry 1 fails (stale password), retry 2 connects: one post hook, after it.
+    assert calls == ["pre", "pre", "post"]
+    assert get_stats(ALIAS)["connections_errors"] == 2
 
 
 def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating, hooks, caplog):
@@ -229,7 +304,7 @@ def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating
 
     hooks.pre(fetch_password)
     caplog.set_level(logging.WARNING, logger="django_db_geventpool.pool")
-    _backend_pid()
+    backend_pid(ALIAS)
     assert len(calls) == 3
     stats = get_stats(ALIAS)
     assert stats["connections_num"] == 4
@@ -248,10 +323,10 @@ def test_retries_exhausted_give_the_drivers_error(rotating, hooks):
     calls = []
     hooks.pre(lambda dbwrapper: calls.append(dbwrapper.alias))
     with pytest.raises(OperationalError, match="password authentication failed"):
-        _backend_pid()
+        backend_pid(ALIAS)
     assert calls == [ALIAS, ALIAS]
     stats = get_stats(ALIAS)
     assert stats["connections_errors"] == 3
     assert stats["pool_size"] == 0
     connections.settings[ALIAS]["PASSWORD"] = "first-secret"
-    _backend_pid()  # the slot was given back
+    backend_pid(ALIAS)  # the slot was given back

@@ -1,0 +1,120 @@
+"""Idle connections: left alone when another one comes back broken, closed by the sweeper.
+
+The old package closed every idle connection of the pool when one connection was
+found closed on return. Here a connection given back broken is closed alone; the
+idle ones keep their server sessions and serve the next requests.
+
+Idle connections past ``MAX_IDLE`` or ``MAX_LIFETIME`` are closed by the pool's
+background sweeper even when no request comes to find them (its period is half
+the smallest of the two limits, at least 0.5 s: see ``ConnectionPool._sweep_forever``).
+"""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+from django.db import OperationalError, connection
+from gevent.event import Event
+
+from django_db_geventpool import get_stats
+from tests.eventually import wait_until
+from tests.helpers import backend_pid, pool_pids, query, raw_connect
+
+
+def _concurrent_pids(count: int) -> list[int]:
+    """``count`` requests holding a connection at once; each one's backend pid.
+
+    Every request keeps its connection until all of them have one, so they are
+    ``count`` different connections.
+    """
+    all_in = Event()
+    pids: list[int] = []
+
+    def request() -> int:
+        try:
+            pid = backend_pid()
+            pids.append(pid)
+            if len(pids) == count:
+                all_in.set()
+            all_in.wait(5)
+            return pid
+        finally:
+            connection.close()
+
+    greenlets = [gevent.spawn(request) for _ in range(count)]
+    gevent.joinall(greenlets, raise_error=True)
+    return [g.value for g in greenlets]
+
+
+def test_a_connection_returned_broken_leaves_the_other_idle_connections_alone(configure_pool):
+    configure_pool(MAX_CONNS=4)
+    pooled = _concurrent_pids(4)
+    assert len(set(pooled)) == 4
+    assert get_stats()["pool_available"] == 4
+
+    observer = raw_connect()
+    try:
+        # One request: its backend is terminated while it holds the connection,
+        # its next query fails, and the request ends the way Django ends one.
+        pid = backend_pid()
+        assert pid in pooled
+        query(observer, "SELECT pg_terminate_backend(%s, 5000)", [pid])
+        with pytest.raises(OperationalError):
+            backend_pid()
+        connection.close_if_unusable_or_obsolete()
+        assert connection.connection is None
+
+        others = set(pooled) - {pid}
+        stats = get_stats()
+        assert stats["returns_bad"] == 1
+        assert stats["pool_available"] == 3
+        assert stats["pool_size"] == 3
+        # Their server sessions are still there, idle.
+        assert others <= pool_pids(observer, "idle")
+        assert pid not in pool_pids(observer)
+
+        # The next three requests at once are served by exactly those connections.
+        assert sorted(_concurrent_pids(3)) == sorted(others)
+    finally:
+        observer.close()
+    stats = get_stats()
+    assert stats["connections_num"] == 4  # nothing reopened
+    assert stats["connections_lost"] == 0
+    assert stats["requests_errors"] == 0
+
+
+def test_the_sweeper_closes_connections_idle_past_max_idle_without_traffic(configure_pool):
+    # Sweeper period: max(min(MAX_IDLE, MAX_LIFETIME) / 2, 0.5 s) = 0.5 s.
+    configure_pool(MAX_CONNS=4, MAX_IDLE=0.5)
+    pids = set(_concurrent_pids(2))
+    assert len(pids) == 2
+    observer = raw_connect()
+    try:
+        assert pids <= pool_pids(observer)
+        # No request from here on: only the sweeper can close them.
+        wait_until(lambda: not pids & pool_pids(observer), timeout=5)
+    finally:
+        observer.close()
+    stats = get_stats()
+    assert stats["pool_size"] == 0
+    assert stats["pool_available"] == 0
+    assert stats["connections_expired"] == 2
+    assert stats["requests_num"] == 2  # no checkout found them expired
+
+
+def test_the_sweeper_closes_connections_past_max_lifetime_without_traffic(configure_pool):
+    # MAX_IDLE far away: only the lifetime (0.9 to 1.0 s, jittered) can expire them.
+    configure_pool(MAX_CONNS=4, MAX_IDLE=60.0, MAX_LIFETIME=1.0)
+    pids = set(_concurrent_pids(2))
+    assert len(pids) == 2
+    observer = raw_connect()
+    try:
+        assert pids <= pool_pids(observer)
+        wait_until(lambda: not pids & pool_pids(observer), timeout=5)
+    finally:
+        observer.close()
+    stats = get_stats()
+    assert stats["pool_size"] == 0
+    assert stats["pool_available"] == 0
+    assert stats["connections_expired"] == 2
+    assert stats["requests_num"] == 2
