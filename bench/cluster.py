@@ -15,7 +15,7 @@ def bench_database(**server_settings: str) -> Iterator[tuple[Any, dict[str, Any]
     """Start a cluster (``postgresql.conf`` settings as keywords), create ``bench``;
     yield the cluster and the database's settings (loopback TCP); destroy it after."""
     sys.path.insert(0, str(ROOT))
-    from tests.pgserver import PostgresCluster
+    from tests.support.pgserver import PostgresCluster
 
     cluster = PostgresCluster(settings=server_settings or None)
     cluster.start()

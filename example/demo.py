@@ -37,9 +37,9 @@ import gevent.event  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.httpload import RequestResult, run_load  # noqa: E402
-from tests.pgserver import PostgresCluster, ServerBinariesMissing  # noqa: E402
-from tests.servers import example_env, migrate_example, start_gunicorn  # noqa: E402
+from tests.support.httpload import RequestResult, run_load  # noqa: E402
+from tests.support.pgserver import PostgresCluster, ServerBinariesMissing  # noqa: E402
+from tests.support.servers import example_env, migrate_example, start_gunicorn  # noqa: E402
 
 logger = logging.getLogger("demo")
 

@@ -12,7 +12,7 @@ import os
 import gevent.monkey
 import pytest
 
-from tests.pgserver import PostgresCluster, ServerBinariesMissing
+from tests.support.pgserver import PostgresCluster, ServerBinariesMissing
 
 TEST_DB = "geventpool_test"
 _cluster: PostgresCluster | None = None

@@ -10,7 +10,7 @@ from django.db import connection
 from django.db.backends.postgresql.base import DatabaseWrapper as DjangoPostgreSQLWrapper
 
 from django_db_geventpool import get_stats
-from tests.helpers import ServerConnectionSampler
+from tests.support.helpers import ServerConnectionSampler
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import pytest
 from celery import Celery
 from celery.result import ResultSet
 
-from tests.helpers import ServerConnectionSampler
-from tests.servers import example_env, migrate_example, start_celery_worker, start_redis
+from tests.support.helpers import ServerConnectionSampler
+from tests.support.servers import example_env, migrate_example, start_celery_worker, start_redis
 
 logger = logging.getLogger(__name__)
 

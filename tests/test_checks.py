@@ -16,7 +16,7 @@ from django.db import connections
 from django.test import override_settings
 
 from django_db_geventpool import checks as pool_checks
-from tests.servers import EXAMPLE_DIR, REPO_ROOT
+from tests.support.servers import EXAMPLE_DIR, REPO_ROOT
 
 
 def _ids(**kwargs) -> list[str]:

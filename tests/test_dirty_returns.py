@@ -13,8 +13,8 @@ from gevent.event import Event
 from django_db_geventpool import get_stats
 from django_db_geventpool.backends.drivers import driver_ops
 from django_db_geventpool.pool import TransactionStatus
-from tests.eventually import wait_until
-from tests.helpers import pool_backends, raw_connect, wait_until_gone
+from tests.support.eventually import wait_until
+from tests.support.helpers import pool_backends, raw_connect, wait_until_gone
 from tests.testapp.models import Item
 
 

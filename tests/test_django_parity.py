@@ -16,7 +16,7 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.db.backends.signals import connection_created
 
 from django_db_geventpool import get_stats
-from tests.helpers import query, raw_connect, terminate_backend
+from tests.support.helpers import query, raw_connect, terminate_backend
 
 ROLE = "geventpool_parity_role"
 

@@ -11,8 +11,8 @@ from django.db import OperationalError, connection, transaction
 from gevent.event import Event
 
 from django_db_geventpool import PoolTimeout, get_stats
-from tests.eventually import wait_until
-from tests.helpers import backend_pid, request_pid, terminate_backend
+from tests.support.eventually import wait_until
+from tests.support.helpers import backend_pid, request_pid, terminate_backend
 
 
 def _hold(seconds: float, holding: Event | None = None) -> None:

@@ -9,7 +9,7 @@ import greenlet
 from django.db import connection
 
 from django_db_geventpool import get_stats
-from tests.eventually import wait_until
+from tests.support.eventually import wait_until
 
 
 def _query_and_forget() -> int:

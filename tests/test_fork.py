@@ -21,7 +21,7 @@ import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
-from tests.helpers import backend_pid, pool_pids, raw_connect, request_pid
+from tests.support.helpers import backend_pid, pool_pids, raw_connect, request_pid
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import logging
 
 import pytest
 
-from tests.helpers import ServerConnectionSampler
-from tests.httpload import run_load
-from tests.servers import migrate_example, start_gunicorn, example_env
+from tests.support.helpers import ServerConnectionSampler
+from tests.support.httpload import run_load
+from tests.support.servers import migrate_example, start_gunicorn, example_env
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
     products = example_db
     env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME)
     # With --preload the master imports the app and runs a query before forking.
-    app = "tests.preload_wsgi" if preload else "project.wsgi"
+    app = "tests.support.preload_wsgi" if preload else "project.wsgi"
     extra = ("--preload",) if preload else ()
     # The master's own idle connection (preload) is one more on the server.
     cap = WORKERS * MAX_CONNS + (1 if preload else 0)

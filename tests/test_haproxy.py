@@ -15,8 +15,8 @@ from django.db import connection, connections
 
 from django_db_geventpool import get_stats
 from tests import proxies
-from tests.load import Load
-from tests.proxies import HAProxy
+from tests.support.load import Load
+from tests.support.proxies import HAProxy
 
 logger = logging.getLogger(__name__)
 

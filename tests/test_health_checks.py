@@ -15,7 +15,7 @@ import pytest
 from django.db import connection
 
 from django_db_geventpool import get_stats
-from tests.helpers import query, raw_connect
+from tests.support.helpers import query, raw_connect
 
 # One transaction, and after it the backend's counters are visible to others.
 FLUSH = "SELECT pg_stat_force_next_flush() FROM pg_namespace LIMIT 1"

@@ -17,8 +17,8 @@ from django.db import OperationalError, connection
 from gevent.event import Event
 
 from django_db_geventpool import get_stats
-from tests.eventually import wait_until
-from tests.helpers import backend_pid, pool_pids, query, raw_connect
+from tests.support.eventually import wait_until
+from tests.support.helpers import backend_pid, pool_pids, query, raw_connect
 
 
 def _concurrent_pids(count: int) -> list[int]:

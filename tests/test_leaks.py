@@ -19,7 +19,7 @@ import pytest
 from django.db import connection
 
 from django_db_geventpool import get_stats
-from tests.helpers import backend_pid
+from tests.support.helpers import backend_pid
 from tests.testapp.models import Item
 
 logger = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from django.db import DatabaseError, OperationalError, connections
 
 from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry
 from django_db_geventpool.peers import PeerSet
-from tests.eventually import wait_until
-from tests.pgserver import PostgresCluster, free_port
+from tests.support.eventually import wait_until
+from tests.support.pgserver import PostgresCluster, free_port
 from tests.testapp.models import Item
 
 logger = logging.getLogger(__name__)

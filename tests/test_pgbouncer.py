@@ -18,9 +18,9 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from django_db_geventpool import get_stats
 from django_db_geventpool.backends.options import parse_pool_settings
-from tests.helpers import query, raw_connect
-from tests.load import Load
-from tests.proxies import PgBouncer
+from tests.support.helpers import query, raw_connect
+from tests.support.load import Load
+from tests.support.proxies import PgBouncer
 from tests.testapp.models import Item
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import pytest
 
 from django_db_geventpool.errors import PoolClosed, PoolTimeout
 from django_db_geventpool.pool import ConnectionPool, TransactionStatus
-from tests.eventually import wait_until
+from tests.support.eventually import wait_until
 
 
 class FakeConnectError(Exception):

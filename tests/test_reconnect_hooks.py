@@ -16,9 +16,9 @@ import pytest
 from django.db import OperationalError, connections
 
 from django_db_geventpool import get_stats, signals
-from tests.helpers import backend_pid
-from tests.load import Load
-from tests.pgserver import PostgresCluster
+from tests.support.helpers import backend_pid
+from tests.support.load import Load
+from tests.support.pgserver import PostgresCluster
 
 logger = logging.getLogger(__name__)
 

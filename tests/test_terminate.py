@@ -6,7 +6,7 @@ import gevent
 from django.db import connection
 
 from django_db_geventpool import get_stats
-from tests.helpers import pool_pids, raw_connect, request_pid, terminate_backend
+from tests.support.helpers import pool_pids, raw_connect, request_pid, terminate_backend
 
 
 def _fill_pool(size: int) -> set[int]:

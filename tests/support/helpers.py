@@ -6,7 +6,7 @@ from time import monotonic
 
 import gevent
 
-from tests.eventually import wait_until
+from tests.support.eventually import wait_until
 from tests.settings.base import TEST_APPLICATION_NAME
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import free_port
-from tests.servers import wait_for_port
+from tests.support.pgserver import free_port
+from tests.support.servers import wait_for_port
 
 __all__ = ["HAProxy", "PgBouncer", "require_binary"]
 

@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.pgserver import PostgresCluster, free_port
+from tests.support.pgserver import PostgresCluster, free_port
 
 __all__ = [
     "EXAMPLE_DIR", "REPO_ROOT", "ManagedProcess", "example_env", "migrate_example",
     "start_gunicorn", "start_redis", "start_celery_worker", "wait_for_port",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "example"
 
 
