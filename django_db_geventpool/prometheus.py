@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -150,25 +151,31 @@ class _Mirror:
             name: Histogram(_PREFIX + name + "_seconds", text, labels, buckets=BOUNDS)
             for name, text in _HISTOGRAMS
         }
-        self._attached: dict[int, tuple[ConnectionPool, int]] = {}
+        # Timeouts already exported, by pool (weak: a closed, dropped pool goes away).
+        self._timeouts_seen: weakref.WeakKeyDictionary[ConnectionPool, int] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def attach(self, pool: ConnectionPool) -> None:
+        """Observe ``pool``'s samples from now on (called as the pool is created)."""
+        for name, metric in self.histograms.items():
+            getattr(pool.timings, name).listeners.append(metric.labels(pool.name).observe)
+        self._timeouts_seen.setdefault(pool, 0)
 
     def sync(self) -> None:
         for pool in _open_pools():
-            if id(pool) not in self._attached or self._attached[id(pool)][0] is not pool:
-                for name, metric in self.histograms.items():
-                    getattr(pool.timings, name).listeners.append(metric.labels(pool.name).observe)
-                self._attached[id(pool)] = (pool, 0)
+            if pool not in self._timeouts_seen:
+                self.attach(pool)  # created before the export started
             stats = pool.get_stats()
             idle = stats["pool_available"]
             self.count.labels(pool.name, "idle").set(idle)
             self.count.labels(pool.name, "used").set(stats["pool_size"] - idle)
             for suffix, key, _ in _GAUGES:
                 self.gauges[suffix].labels(pool.name).set(pool_measure(pool, key))
-            seen = self._attached[id(pool)][1]
             timeouts = stats["requests_timeouts"]
-            if timeouts > seen:
-                self.timeouts.labels(pool.name).inc(timeouts - seen)
-            self._attached[id(pool)] = (pool, timeouts)
+            if timeouts > self._timeouts_seen[pool]:
+                self.timeouts.labels(pool.name).inc(timeouts - self._timeouts_seen[pool])
+            self._timeouts_seen[pool] = timeouts
 
     def run_forever(self) -> None:
         import gevent
@@ -200,6 +207,7 @@ def start_multiprocess_export(interval: float = 5.0) -> None:
     import gevent
 
     _mirror = _Mirror(interval)
+    registry.created_hooks.append(_mirror.attach)
     gevent.spawn(_mirror.run_forever)
     logger.info("exporting pool metrics for Prometheus (multiprocess mode), pid %d", os.getpid())
 

@@ -91,6 +91,8 @@ class PooledDatabaseWrapperMixin:
             return existing
         registry.pools[self.alias] = pool
         otel.attach(pool)  # does nothing without opentelemetry-api
+        for hook in registry.created_hooks:
+            hook(pool)
         if settings.stats_log_interval is not None:
             start_stats_logger(pool, settings.stats_log_interval)
         return pool
