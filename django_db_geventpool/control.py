@@ -45,6 +45,8 @@ SIGNAL = signal.SIGUSR2
 # per process, and a worker that forks gets a fresh set, see serve()).
 _answered: set[str] = set()
 _directory: Path | None = None
+# The installed handler, referenced for the life of the process.
+_handler: Any = None
 
 
 def _dirs(directory: Path) -> tuple[Path, Path, Path]:
@@ -69,13 +71,15 @@ def serve(directory: str | os.PathLike[str]) -> None:
     Call it in each serving process once Django is set up (gunicorn's
     ``post_worker_init``); needs gevent (the handler runs in the hub and spawns).
     """
-    global _directory
+    global _directory, _handler
     import gevent
 
     _directory = Path(directory)
     workers, _, _ = _dirs(_directory)
     _answered.clear()
-    gevent.signal_handler(SIGNAL, _on_signal)
+    if _handler is not None:
+        _handler.cancel()
+    _handler = gevent.signal_handler(SIGNAL, _on_signal)
     (workers / str(os.getpid())).write_text("")
     logger.info("pid %d answers manage.py geventpool requests in %s", os.getpid(), _directory)
 
