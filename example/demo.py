@@ -170,9 +170,10 @@ def report(load, restart_done: float | None, peak: int, worker_stats: dict) -> b
             "requests_use_p99_ms", "requests_errors", "requests_timeouts", "connections_num",
             "connections_errors", "connections_lost", "checks_roundtrip", "returns_bad")
     pids = sorted(worker_stats)
-    say("checkout wait p50 / p99 (pool histograms, per worker)  " + ", ".join(
+    say("checkout wait p50 / p99           " + ", ".join(
         f"pid {pid}: {worker_stats[pid].get('requests_wait_p50_ms', 0)} ms / "
-        f"{worker_stats[pid].get('requests_wait_p99_ms', 0)} ms" for pid in sorted(worker_stats)))
+        f"{worker_stats[pid].get('requests_wait_p99_ms', 0)} ms" for pid in sorted(worker_stats))
+        + "  (the pools' histograms)")
     say("pool stats, from GET /pool/stats of each worker:")
     say(f"  {'':<20}" + "".join(f"{'pid ' + str(pid):>12}" for pid in pids))
     for key in keys:
