@@ -112,14 +112,17 @@ class PoolCollector(Collector):
         yield from histograms.values()
 
 
-_registered: dict[int, PoolCollector] = {}
+# Registry -> its collector (weak: an id() could be reused by a later registry).
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def register(target: CollectorRegistry = REGISTRY) -> PoolCollector:
     """Register the pool collector in ``target`` (once; later calls return it)."""
-    collector = _registered.get(id(target))
+    collector = _registered.get(target)
     if collector is None:
-        collector = _registered[id(target)] = PoolCollector()
+        collector = _registered[target] = PoolCollector()
         target.register(collector)
     return collector
 
