@@ -12,6 +12,13 @@ Environment (all optional):
 * ``GUNICORN_WORKER_CONNECTIONS``: concurrent requests per worker (default 1000).
   Requests beyond ``MAX_CONNS`` queue in the pool, for at most ``POOL_TIMEOUT``.
 * ``GUNICORN_TIMEOUT``: seconds before a silent worker is restarted (default 30).
+* ``GEVENTPOOL_CONTROL_DIR``: a directory shared with ``manage.py geventpool``; every
+  worker registers there and answers ``drain``/``resize``/``stats`` on ``SIGUSR2``
+  (see django_db_geventpool/control.py). Unset: no handler, no registration.
+* ``PROMETHEUS_MULTIPROC_DIR``: prometheus-client's multiprocess mode; every worker
+  exports its pools' metrics there (every ``GEVENTPOOL_METRICS_INTERVAL`` seconds,
+  default 5, for the gauges), a dead worker's gauges are removed, and any worker's
+  ``django_db_geventpool.prometheus.metrics_view`` answers for all of them.
 
 Why the patching happens here: gunicorn imports this file first, before the
 application and before the gevent worker's own ``patch_all()`` at worker start.
@@ -57,12 +64,41 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
 
 
+def post_worker_init(worker):
+    """In each worker, once the app (and Django) is loaded: the operations and metrics hooks.
+
+    Runs after gunicorn installed its own signal handlers (it resets ``SIGUSR2`` to
+    the default in workers and does not use it there).
+    """
+    if os.environ.get("GEVENTPOOL_CONTROL_DIR"):
+        from django_db_geventpool import control
+
+        control.serve(os.environ["GEVENTPOOL_CONTROL_DIR"])
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from django_db_geventpool import prometheus
+
+        prometheus.start_multiprocess_export(
+            float(os.environ.get("GEVENTPOOL_METRICS_INTERVAL", "5"))
+        )
+
+
+def child_exit(server, worker):
+    """In the master, when a worker has exited: drop its live gauges (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
 def worker_exit(server, worker):
     """In the worker, as it exits: close every pool, so the server sees clean goodbyes.
 
     In-flight requests have finished by now (graceful shutdown); idle connections
     get a proper Terminate message instead of a dropped socket.
     """
+    control = sys.modules.get("django_db_geventpool.control")
+    if control is not None:
+        control.unregister()
     registry = sys.modules.get("django_db_geventpool.registry")
     if registry is None:
         return  # the app never used the pool in this worker

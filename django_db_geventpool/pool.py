@@ -48,6 +48,7 @@ from gevent.hub import Waiter as HubWaiter
 from gevent.monkey import get_original
 
 from .errors import AllPeersDown, PoolClosed, PoolError, PoolTimeout
+from .histogram import PoolTimings
 
 __all__ = [
     "ConnectionPool",
@@ -76,6 +77,7 @@ REQUESTS_NUM = "requests_num"
 REQUESTS_QUEUED = "requests_queued"
 REQUESTS_WAIT_MS = "requests_wait_ms"
 REQUESTS_ERRORS = "requests_errors"
+REQUESTS_TIMEOUTS = "requests_timeouts"
 CONNECTIONS_NUM = "connections_num"
 CONNECTIONS_MS = "connections_ms"
 CONNECTIONS_ERRORS = "connections_errors"
@@ -91,6 +93,7 @@ COUNTER_KEYS = (
     REQUESTS_QUEUED,
     REQUESTS_WAIT_MS,
     REQUESTS_ERRORS,
+    REQUESTS_TIMEOUTS,
     CONNECTIONS_NUM,
     CONNECTIONS_MS,
     CONNECTIONS_ERRORS,
@@ -278,6 +281,11 @@ class ConnectionPool:
         self._sweeper: gevent.Greenlet | None = None
         # Extra live measures merged into get_stats() (per-peer state, see peers.py).
         self._stats_sources: list[Callable[[], dict[str, int]]] = []
+        # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
+        self.timings = PoolTimings()
+        self._stats_sources.append(self.timings.stats)
+        # Slots to drop instead of reuse as connections come back, after resize() shrank the cap.
+        self._excess = 0
         _live_pools.add(self)
         logger.info(
             "pool %r created: max_size=%d reuse_size=%d timeout=%.1fs",
@@ -330,7 +338,9 @@ class ConnectionPool:
             stats[REQUESTS_ERRORS] += 1
             self._release_slot()
             raise
-        return self._lend(conn, owner)
+        lease = self._lend(conn, owner)
+        self.timings.wait_time.record(lease.checked_out_at - started)
+        return lease
 
     def _wait_for_slot(self, timeout: float, started: float) -> PooledConnection | None:
         waiter = _Waiter()
@@ -356,6 +366,7 @@ class ConnectionPool:
             waiter.cancelled = True
             self._waiting -= 1
             self._stats[REQUESTS_ERRORS] += 1
+            self._stats[REQUESTS_TIMEOUTS] += 1
             logger.warning(
                 "pool %r: checkout timed out after %.1fs (MAX_CONNS=%d, %d in use, %d waiting)",
                 self.name, waited_ms / 1000, self.max_size, self._slots_used, self._waiting,
@@ -463,6 +474,7 @@ class ConnectionPool:
                 raise
             now = monotonic()
             stats[CONNECTIONS_MS] += int((now - started) * 1000)
+            self.timings.create_time.record(now - started)
             try:
                 conn = PooledConnection(
                     raw, self.driver.fileno(raw), now, self.max_lifetime, target
@@ -532,6 +544,7 @@ class ConnectionPool:
             return None
         conn.lease = None
         self._in_use.discard(lease)
+        self.timings.use_time.record(monotonic() - lease.checked_out_at)
         if lease.greenlet is not None:
             lease.greenlet.unlink(lease._on_holder_exit)
             lease.greenlet = None
@@ -575,6 +588,10 @@ class ConnectionPool:
         conn.last_used = now
         # Critical section: hand the connection to the oldest waiter, else keep
         # it idle (up to reuse_size, and only if it has not outlived its lifetime).
+        if self._excess:
+            # resize() shrank the cap: this slot goes away with its connection.
+            self._close_and_release(conn)
+            return
         if not self._closed and (conn.expires_at is None or now < conn.expires_at):
             if self._hand_over(conn):
                 return
@@ -593,7 +610,10 @@ class ConnectionPool:
 
     def _release_slot(self) -> None:
         """Free one slot (its connection already closed): a waiter gets it first."""
-        if self._hand_over(None):
+        if self._excess:
+            # resize() shrank the cap: this slot goes away.
+            self._excess -= 1
+        elif self._hand_over(None):
             return
         if self._slots_used <= 0:
             raise AssertionError(f"pool {self.name!r}: slot released more often than taken")
@@ -705,6 +725,66 @@ class ConnectionPool:
     def closed(self) -> bool:
         return self._closed
 
+    # -- operations -----------------------------------------------------------
+
+    def drain(self) -> int:
+        """Close idle connections now, and every connection in use when it is given back.
+
+        Checkouts that follow open fresh connections (new credentials, a new server
+        behind the same name). A connection being opened or handed to a queued
+        checkout at this moment is kept.
+        Returns how many idle connections were closed.
+        """
+        now = monotonic()
+        # Critical section: empty the idle set; mark connections in use as expired,
+        # so that checkin closes them instead of keeping or handing them over.
+        idle = list(self._idle)
+        self._idle.clear()
+        for lease in self._in_use:
+            lease.conn.expires_at = now
+        in_use = len(self._in_use)
+        for conn in idle:
+            self._stats[CONNECTIONS_EXPIRED] += 1
+            self._close_quietly(conn)
+        logger.info(
+            "pool %r drained: %d idle connections closed, %d in use to be closed when returned",
+            self.name, len(idle), in_use,
+        )
+        return len(idle)
+
+    def resize(self, max_size: int) -> None:
+        """Change the cap to ``max_size`` now.
+
+        Growing serves queued checkouts at once with the new slots. Shrinking closes
+        idle connections beyond the new cap now and drops connections in use as they
+        are given back, until the pool is under the new cap: a holder is never
+        interrupted, and no checkout gets a slot meanwhile.
+        """
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        old = self.max_size
+        # Critical section: new cap, then settle the slots against it.
+        self.max_size = max_size
+        if self.reuse_size >= old or self.reuse_size > max_size:
+            # REUSE_CONNS unset (it was the cap) follows the cap; a larger one shrinks with it.
+            self.reuse_size = max_size
+        excess = self._slots_used + len(self._idle) - max_size
+        idle: list[PooledConnection] = []
+        while excess > 0 and self._idle:
+            idle.append(self._idle.popleft())
+            excess -= 1
+        self._excess = max(excess, 0)
+        while self._waiting and self._slots_used + len(self._idle) < max_size:
+            if not self._hand_over(None):
+                break
+            self._slots_used += 1
+        for conn in idle:
+            self._close_quietly(conn)
+        logger.info(
+            "pool %r resized: max_size %d -> %d (%d idle closed, %d to drop when returned)",
+            self.name, old, max_size, len(idle), self._excess,
+        )
+
     def get_stats(self) -> dict[str, int]:
         """Counters since the pool was created, and the live measures, by name."""
         stats = {key: self._stats[key] for key in COUNTER_KEYS}
@@ -756,6 +836,7 @@ class ConnectionPool:
         self._waiters.clear()
         self._waiting = 0
         self._slots_used = 0
+        self._excess = 0
         self._sweeper = None
         self._pid = os.getpid()
         self._thread_id = _native_thread_id()

@@ -8,8 +8,14 @@ forget their parent's connections (see `ConnectionPool`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .pool import ConnectionPool
 
-__all__ = ["pools"]
+__all__ = ["created_hooks", "pools"]
 
 pools: dict[str, ConnectionPool] = {}
+
+#: Called with each pool the backend creates, before its first checkout (exporters
+#: that need every sample attach their listeners here).
+created_hooks: list[Callable[[ConnectionPool], None]] = []

@@ -10,7 +10,8 @@ What it does, start to end (about half a minute):
    restarts PostgreSQL (``pg_ctl restart -m fast``) halfway through;
 5. reports requests, failures (all, and those started after the restart completed:
    there must be none), latency, the peak of server connections against the cap,
-   and the pools' stats from each worker's stats view.
+   the checkout wait p50/p99 from each worker's pool histograms, and the pools' stats
+   from each worker's stats view.
 
 Every process it started is stopped at the end, also on Ctrl-C. Exit status: 0 if
 no request started after the restart failed, 1 otherwise, 130 on Ctrl-C.
@@ -165,9 +166,14 @@ def report(load, restart_done: float | None, peak: int, worker_stats: dict) -> b
     say(f"peak server connections           {peak}  (cap: {WORKERS} workers x "
         f"MAX_CONNS {MAX_CONNS} = {cap})")
     keys = ("pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
-            "requests_queued", "requests_wait_ms", "requests_errors", "connections_num",
+            "requests_queued", "requests_wait_ms", "requests_wait_p50_ms", "requests_wait_p99_ms",
+            "requests_use_p99_ms", "requests_errors", "requests_timeouts", "connections_num",
             "connections_errors", "connections_lost", "checks_roundtrip", "returns_bad")
     pids = sorted(worker_stats)
+    say("checkout wait p50 / p99           " + ", ".join(
+        f"pid {pid}: {worker_stats[pid].get('requests_wait_p50_ms', 0)} ms / "
+        f"{worker_stats[pid].get('requests_wait_p99_ms', 0)} ms" for pid in sorted(worker_stats))
+        + "  (the pools' histograms)")
     say("pool stats, from GET /pool/stats of each worker:")
     say(f"  {'':<20}" + "".join(f"{'pid ' + str(pid):>12}" for pid in pids))
     for key in keys:

@@ -32,7 +32,7 @@ from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
 from .. import checks as _checks  # noqa: F401 - registers the system checks
-from .. import registry, signals
+from .. import otel, registry, signals
 from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
 from .drivers import driver_ops
@@ -90,6 +90,9 @@ class PooledDatabaseWrapperMixin:
         if existing is not None and not existing.closed:
             return existing
         registry.pools[self.alias] = pool
+        otel.attach(pool)  # does nothing without opentelemetry-api
+        for hook in registry.created_hooks:
+            hook(pool)
         if settings.stats_log_interval is not None:
             start_stats_logger(pool, settings.stats_log_interval)
         return pool

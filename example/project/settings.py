@@ -13,7 +13,8 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-a-secret")
 DEBUG = False
 # The example only listens on loopback; list your real host names instead.
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
-INSTALLED_APPS = ["shop"]
+# django_db_geventpool: for `manage.py geventpool drain|resize|stats`.
+INSTALLED_APPS = ["django_db_geventpool", "shop"]
 MIDDLEWARE: list[str] = []
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"

@@ -1,11 +1,12 @@
-"""Two URLs: a view that queries the database, and the pool's stats."""
+"""A view that queries the database; the pool's stats, readiness and Prometheus metrics."""
 
+import os
 from functools import wraps
 
 from django.http import HttpResponseForbidden
 from django.urls import path
 
-from django_db_geventpool.views import stats_view
+from django_db_geventpool.views import ready_view, stats_view
 from shop.views import product_summary
 
 
@@ -27,4 +28,16 @@ def loopback_only(view):
 urlpatterns = [
     path("products/summary", product_summary),
     path("pool/stats", loopback_only(stats_view)),
+    path("ready", ready_view),
 ]
+
+try:
+    from django_db_geventpool import prometheus
+except ImportError:  # prometheus-client is not installed: no /metrics
+    pass
+else:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One process: the collector, read at scrape time. In multiprocess mode
+        # gunicorn.conf.py starts the export in every worker instead.
+        prometheus.register()
+    urlpatterns.append(path("metrics", loopback_only(prometheus.metrics_view)))
