@@ -56,6 +56,22 @@ def pool_pids(conn, state: str | None = None) -> set[int]:
     return {pid for pid, _ in pool_backends(conn, state)}
 
 
+def running(conn, sql: str, application_name: str = TEST_APPLICATION_NAME) -> set[int]:
+    """Pids of the backends (of ``application_name``) running exactly ``sql`` right now."""
+    return {pid for (pid,) in query(
+        conn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
+        " AND query = %s",
+        [application_name, sql],
+    )}
+
+
+def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 10.0) -> set[int]:
+    """Wait until ``count`` pooled backends run ``sql`` (the query is in flight); their pids."""
+    wait_until(lambda: len(running(conn, sql)) >= count, timeout=timeout)
+    return running(conn, sql)
+
+
 def wait_until_gone(conn, *pids: int) -> None:
     """Wait until no backend of the server (of any application) has one of ``pids``."""
     gone = set(pids)
