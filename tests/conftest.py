@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import gevent.monkey
 import pytest
@@ -89,6 +90,28 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         for pool in list(registry.pools.values()):
             pool.close()
         _cluster.destroy()
+
+
+# No test of this suite may be skipped (a missing tool fails instead): count them.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _skipped:
+        terminalreporter.write_line(
+            f"{len(_skipped)} skipped test(s) fail the run (the suite allows none): "
+            + ", ".join(_skipped), red=True,
+        )
 
 
 @pytest.fixture(scope="session")
