@@ -36,7 +36,7 @@ test-postgis: venv
 	DJANGO_SETTINGS_MODULE=tests.settings.postgis $(PYTEST) -q $(or $(PYTEST_ARGS),tests/test_django_parity.py)
 
 ## make test-oldest: the suite on the oldest versions the README claims
-OLDEST_PINS := django==5.2 gevent==23.9.0 psycopg[binary]==3.1.8
+OLDEST_PINS := django==5.2 gevent==23.9.0 psycopg[binary]==3.2.1
 test-oldest: system-deps
 	@scripts/mkvenv $(VENVS)/py311-oldest-psycopg3 3.11 '$(OLDEST_PINS)' psycopg3,test
 	DJANGO_SETTINGS_MODULE=tests.settings.psycopg3 $(VENVS)/py311-oldest-psycopg3/bin/python -m gevent.monkey --module pytest -q $(PYTEST_ARGS)

@@ -29,20 +29,33 @@ def pool_stats() -> dict:
     return {"pid": os.getpid(), **get_stats()}
 
 
-@shared_task
-def sleep_in_asyncio(seconds: float) -> None:
+# The state the asyncio tasks report while their loop runs, so a caller can start
+# other work during it (the tests check that the two overlapped).
+LOOP_RUNNING = "LOOP_RUNNING"
+
+
+async def _sleep_reporting(task, seconds: float) -> None:
+    task.update_state(state=LOOP_RUNNING)
+    await asyncio.sleep(seconds)
+
+
+@shared_task(bind=True)
+def sleep_in_asyncio(self, seconds: float) -> None:
     """Run an asyncio event loop in the task's greenlet: the cause of SynchronousOnlyOperation.
 
     While this loop waits, every other greenlet of the worker sees a running event
     loop (they share the OS thread), and Django refuses their ORM calls. See
     docs/celery.md for the fix (`run_in_native_thread`).
     """
-    asyncio.run(asyncio.sleep(seconds))
+    asyncio.run(_sleep_reporting(self, seconds))
 
 
-@shared_task
-def sleep_in_asyncio_native_thread(seconds: float) -> None:
+@shared_task(bind=True)
+def sleep_in_asyncio_native_thread(self, seconds: float) -> None:
     """The same asyncio code, run in a real OS thread: other greenlets are unaffected."""
     from django_db_geventpool.nativethread import run_in_native_thread
 
+    # Reported from the task's greenlet (celery's client is not for another OS thread);
+    # the thread's loop starts right after.
+    self.update_state(state=LOOP_RUNNING)
     run_in_native_thread(asyncio.run, asyncio.sleep(seconds))
