@@ -35,11 +35,14 @@ test-postgis: venv
 	@scripts/install-system-deps --postgis
 	DJANGO_SETTINGS_MODULE=tests.settings.postgis $(PYTEST) -q $(or $(PYTEST_ARGS),tests/test_django_parity.py)
 
-## make test-oldest: the suite on the oldest versions the README claims
-OLDEST_PINS := django==5.2 gevent==23.9.0 psycopg[binary]==3.2.1
+## make test-oldest: the suite on the oldest versions the README claims (DRIVER=psycopg2 too)
+OLDEST_COMMON := django==5.2 gevent==23.9.0 gunicorn==22.0.0
+OLDEST_psycopg3 := $(OLDEST_COMMON) psycopg[binary]==3.2.1
+OLDEST_psycopg2 := $(OLDEST_COMMON) psycopg2-binary==2.9.5 psycogreen==1.0.2
+OLDEST_VENV = $(VENVS)/py311-oldest-$(DRIVER)
 test-oldest: system-deps
-	@scripts/mkvenv $(VENVS)/py311-oldest-psycopg3 3.11 '$(OLDEST_PINS)' psycopg3,test
-	DJANGO_SETTINGS_MODULE=tests.settings.psycopg3 $(VENVS)/py311-oldest-psycopg3/bin/python -m gevent.monkey --module pytest -q $(PYTEST_ARGS)
+	@scripts/mkvenv $(OLDEST_VENV) 3.11 '$(OLDEST_$(DRIVER))' $(DRIVER),test
+	DJANGO_SETTINGS_MODULE=$(SETTINGS) $(OLDEST_VENV)/bin/python -m gevent.monkey --module pytest -q $(PYTEST_ARGS)
 
 ## make lint: ruff (lint + format check) and mypy, in their own virtualenv
 lint:
@@ -58,7 +61,8 @@ test-matrix:
 	$(MAKE) test PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
 	$(MAKE) test-postgis PY=3.11 DJANGO='django>=5.2,<5.3' DRIVER=psycopg3
 	$(MAKE) test-postgis PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
-	$(MAKE) test-oldest
+	$(MAKE) test-oldest DRIVER=psycopg3
+	$(MAKE) test-oldest DRIVER=psycopg2
 
 ## make demo: gunicorn + gevent workers on the pool, against a throwaway PostgreSQL
 demo: venv
