@@ -38,7 +38,7 @@ test-postgis: venv
 ## make test-oldest: the suite on the oldest versions the README claims (DRIVER=psycopg2 too)
 OLDEST_COMMON := django==5.2 gevent==23.9.0 gunicorn==22.0.0
 OLDEST_psycopg3 := $(OLDEST_COMMON) psycopg[binary]==3.2.1
-OLDEST_psycopg2 := $(OLDEST_COMMON) psycopg2-binary==2.9.5 psycogreen==1.0.2
+OLDEST_psycopg2 := $(OLDEST_COMMON) psycopg2-binary==2.9.9 psycogreen==1.0.2
 OLDEST_VENV = $(VENVS)/py311-oldest-$(DRIVER)
 test-oldest: system-deps
 	@scripts/mkvenv $(OLDEST_VENV) 3.11 '$(OLDEST_$(DRIVER))' $(DRIVER),test

@@ -103,6 +103,23 @@ def test_thousand_orm_tasks_stay_under_the_cap_and_give_back(client, worker, pro
     assert "SynchronousOnlyOperation" not in worker.log()
 
 
+def test_failed_and_retried_tasks_give_their_connections_back(client, product_id):
+    """docs/celery.md: task_postrun gives the connection back on failure and on retry too."""
+    before = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
+    calls = [("shop.tasks.fail_after_query", (product_id,))] * 20
+    calls += [("shop.tasks.retry_once_after_query", (product_id,))] * 20
+    values = _run_all(client, calls)
+    assert [type(v).__name__ for v in values[:20]] == ["ValueError"] * 20
+    assert values[20:] == [1] * 20  # each retried once, then succeeded
+    stats = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
+    assert stats["pid"] == before["pid"]
+    # 20 + 40 checkouts, every one given back at task_postrun, none reclaimed later.
+    assert stats["requests_num"] - before["requests_num"] >= 60
+    assert stats["pool_size"] - stats["pool_available"] == 0
+    assert stats["connections_reclaimed"] == before["connections_reclaimed"]
+    assert stats["requests_errors"] == before["requests_errors"]
+
+
 def _sells_while_the_loop_runs(client, task_name, product_id, count=50):
     """Start ``task_name``'s asyncio loop; once it runs, ``count`` sells; their results.
 

@@ -22,6 +22,26 @@ def sell(product_id: int) -> int:
 
 
 @shared_task
+def fail_after_query(product_id: int) -> None:
+    """Use the ORM, then fail: the connection must go back all the same."""
+    from .models import Product
+
+    Product.objects.filter(pk=product_id).exists()
+    raise ValueError("the task failed on purpose")
+
+
+@shared_task(bind=True, max_retries=1)
+def retry_once_after_query(self, product_id: int) -> int:
+    """Use the ORM, then ask to be retried once; the retry returns its attempt number."""
+    from .models import Product
+
+    Product.objects.filter(pk=product_id).exists()
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return self.request.retries
+
+
+@shared_task
 def pool_stats() -> dict:
     """The worker's pool stats (this task's own connection is not counted: it has none)."""
     from django_db_geventpool import get_stats
