@@ -42,7 +42,8 @@ def redis_url(tmp_path_factory):
 def product_id(cluster):
     migrate_example(cluster, EXAMPLE_DB)
     return int(cluster.psql(
-        "INSERT INTO shop_product (name, price_cents, sold) VALUES ('celery', 100, 0) RETURNING id",
+        "INSERT INTO shop_product (name, price_cents, sold) "
+        "VALUES ('celery', 100, 0) RETURNING id",
         dbname=EXAMPLE_DB,
     ).splitlines()[0])
 

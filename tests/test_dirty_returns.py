@@ -17,7 +17,6 @@ from tests.support.eventually import wait_until
 from tests.support.helpers import pool_backends, raw_connect, wait_until_gone, wait_until_running
 from tests.testapp.models import Item
 
-
 # A server backend busy in pg_sleep notices that its client closed the
 # connection only if told to check (PostgreSQL 14+); otherwise it would
 # linger until the query ends.

@@ -174,7 +174,7 @@ if is_psycopg3:
         if _psycopg_version() < (3, 3, 5):
             # Documented limitation (README, RESET_QUERY): older psycopg keeps using the
             # statements DISCARD ALL dropped. make test-oldest runs this branch.
-            with pytest.raises(ProgrammingError, match="prepared statement .* does not exist"):
+            with pytest.raises(ProgrammingError, match=r"prepared statement .* does not exist"):
                 _in_request(repeated_queries)
             return
         second = _in_request(repeated_queries)

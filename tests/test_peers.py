@@ -90,7 +90,7 @@ def peered(clusters):
 
     Both clusters are running when the test starts; the pool is closed after it.
     """
-    a, b = clusters
+    a, _ = clusters
     for cluster in clusters:
         if not cluster.is_running():
             cluster.start()
@@ -169,7 +169,7 @@ class Load:
         gevent.killall(stuck)
         assert not stuck, f"{len(stuck)} requests still running 30 s after the load stopped"
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
@@ -566,7 +566,7 @@ def test_reconnect_hooks_run_around_each_peer_tried_after_the_first(clusters, pe
         # skipped while down, so B is the first peer tried: no more hooks.
         for count in range(1, 5):
             holders.append(gevent.spawn(hold))
-            wait_until(lambda: len(ports) == count, timeout=20)
+            wait_until(lambda count=count: len(ports) == count, timeout=20)
         assert ports == [str(b.port)] * 4
         assert calls == [("pre", PEERED), ("post", PEERED)]
     finally:

@@ -8,6 +8,7 @@ terminated. A pre-reconnect hook copies the current password from the store into
 """
 
 import copy
+import itertools
 import logging
 from time import monotonic
 
@@ -320,7 +321,7 @@ def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating
         assert delay * 2**n * 0.5 <= record.args[4] <= delay * 2**n
     # ...and what was slept: the pause before retry n+1 is at least half of delay * 2**n
     # (a pause that does not double stays under delay and fails the second bound).
-    gaps = [later - earlier for earlier, later in zip(called_at, called_at[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(called_at)]
     assert gaps[0] >= delay * 2 * 0.5, gaps
     assert gaps[1] >= delay * 4 * 0.5, gaps
 

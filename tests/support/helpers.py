@@ -6,8 +6,8 @@ from time import monotonic
 
 import gevent
 
-from tests.support.eventually import wait_until
 from tests.settings.base import TEST_APPLICATION_NAME
+from tests.support.eventually import wait_until
 
 
 def raw_connect(dbname: str = "geventpool_test", **extra):
@@ -174,7 +174,7 @@ class ServerConnectionSampler:
         finally:
             self._conn.close()
 
-    def __enter__(self) -> "ServerConnectionSampler":
+    def __enter__(self) -> ServerConnectionSampler:
         self.start()
         return self
 

@@ -74,7 +74,7 @@ class Load:
             self._request()
             gevent.sleep(self.pause)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._running = True
         self._greenlets = [gevent.spawn(self._loop) for _ in range(self.concurrency)]
         return self
@@ -102,7 +102,7 @@ class Load:
             if greenlet.exception is not None:
                 raise greenlet.exception
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
