@@ -105,5 +105,5 @@ def worker_exit(server, worker):
     for pool in list(registry.pools.values()):
         try:
             pool.close()
-        except Exception:  # noqa: BLE001 - exiting anyway; say what failed
+        except Exception:  # exiting anyway; say what failed
             server.log.exception("closing pool %r at worker exit failed", pool.name)

@@ -65,7 +65,7 @@ def _cachegrind_totals(path: Path) -> dict[str, int]:
         if line.startswith("events:"):
             events = line.split()[1:]
         elif line.startswith("summary:"):
-            return dict(zip(events, map(int, line.split()[1:])))
+            return dict(zip(events, map(int, line.split()[1:]), strict=True))
     raise RuntimeError(f"{path}: no cachegrind summary")
 
 

@@ -85,7 +85,8 @@ REFERENCES: dict[str, Reference] = {
         ),
         Reference(
             "ours[psycopg3,hc=0]", "bench-psycopg3", "psycopg3", "ours",
-            "this package, psycopg 3, MAX_CONNS=10, HEALTH_CHECK_DELAY=0 (round trip each checkout)",
+            "this package, psycopg 3, MAX_CONNS=10, HEALTH_CHECK_DELAY=0 "
+            "(round trip each checkout)",
             options={"HEALTH_CHECK_DELAY": 0},
         ),
         Reference(

@@ -182,7 +182,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "|---|---|---|",
     ]
     for row in targets(summary):
-        lines.append(f"| {row['target']} | {_fmt_ratio(row['value'])} | {'yes' if row['met'] else '**no**'} |")
+        lines.append(f"| {row['target']} | {_fmt_ratio(row['value'])} | "
+            f"{'yes' if row['met'] else '**no**'} |")
 
     lines += [
         "",
@@ -195,14 +196,16 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "- *Throughput* with `MAX_CONNS=10` on 2 cores is bounded by the benchmark process's own "
         "CPU: the ORM query costs far more Python than any pool, and the CPU time per request is "
         "in the latency tables. A pool can only remove its own share of it.",
-        "- `old_geventpool` (and `raw_limit`) hand connections out through a gevent queue that lets "
+        "- `old_geventpool` (and `raw_limit`) hand connections out through a gevent queue "
+        "that lets "
         "a greenlet take back the connection it has just returned ahead of older waiters: fewer "
         "greenlet switches, a low p50, and a p99 many times higher. Ours serves waiters first "
         "come, first served (DESIGN.md), so its p99 stays close to its p50.",
         "",
         "## Checkout overhead",
         "",
-        f"One greenlet, {sizes.overhead_n} iterations of checkout + `Item.objects.filter(pk=1).exists()` "
+        f"One greenlet, {sizes.overhead_n} iterations of checkout + "
+        "`Item.objects.filter(pk=1).exists()` "
         "+ return (request end: `close_if_unusable_or_obsolete()`), minus the same query on a "
         "connection held throughout (the median of per-block differences, blocks alternating). "
         "µs per checkout. \"checkout+return alone\" is the same cycle with no query at all. The CPU "
@@ -211,7 +214,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "whatever else the machine was doing.",
         "",
         "| reference | held query µs | checkout+query+return µs | overhead µs | overhead × "
-        f"`{OLD}` | cycle × `orm_held` | checkout+return alone µs | overhead CPU µs | overhead CPU × "
+        f"`{OLD}` | cycle × `orm_held` | checkout+return alone µs | overhead CPU µs | "
+        "overhead CPU × "
         f"`{OLD}` | checkout+return alone CPU µs |",
         "|---|" + "---:|" * 9,
     ]
@@ -233,7 +237,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "## Scale of waiting",
         "",
         "`waiters + MAX_CONNS` greenlets loop over checkout, a yield while holding, return, on "
-        "`MAX_CONNS=10` (no query), timed in the steady state: µs per checkout with about that many "
+        "`MAX_CONNS=10` (no query), timed in the steady state: µs per checkout with about "
+        "that many "
         "checkouts queued. First the CPU time of the benchmark process (the work itself, whatever "
         "else ran on the machine), then wall time. References without a cap have no queue. "
         f"`{FLOOR}` is no pool at all: a slot count and a queue of gevent hub `Waiter`s "
@@ -250,7 +255,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
     rows += [(f"`{FLOOR}`", summary[n]["waiting_floor"]) for n in names
              if summary[n].get("waiting_floor")]
     for label, waiting in rows:
-        cells = [f"{waiting[str(w)]['cpu_us_per_checkout']:.1f} / {waiting[str(w)]['us_per_checkout']:.1f}"
+        cells = [f"{waiting[str(w)]['cpu_us_per_checkout']:.1f} / "
+            f"{waiting[str(w)]['us_per_checkout']:.1f}"
                  for w in sizes.waiters]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt_ratio(waiting_spread(waiting))} | "
                      f"{_fmt_ratio(waiting_spread(waiting, 'us_per_checkout'))} |")
@@ -265,7 +271,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "## Memory",
         "",
         "RSS of the benchmark process: at rest (set up, one request served) and the peak under "
-        f"the {summary[names[0]]['rss_load_concurrency']:,}-greenlet load (1-query and 5-query runs).",
+        f"the {summary[names[0]]['rss_load_concurrency']:,}-greenlet load "
+        "(1-query and 5-query runs).",
         "",
         "| reference | at rest MB | under load MB |",
         "|---|---:|---:|",
@@ -285,7 +292,8 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "",
         "## Versions and machine",
         "",
-        f"- Python {summary[names[0]]['meta']['python']}, PostgreSQL {machine.get('postgresql', '?')}",
+        f"- Python {summary[names[0]]['meta']['python']}, "
+        f"PostgreSQL {machine.get('postgresql', '?')}",
         "- " + ", ".join(f"{d} {v}" for d, v in sorted(versions.items())),
         f"- django-db-geventpool: ours {ours_version or '—'}, old {old_version or '—'}",
         f"- {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']}; load average "
@@ -341,7 +349,8 @@ def _throughput_tables(summary: dict[str, dict[str, Any]], queries: int,
     for n in names:
         t = summary[n]["throughput"]
         cells = [f"{t[_key(queries, c)]['p50_ms']:.2f} / {t[_key(queries, c)]['p99_ms']:.2f} "
-                 f"({t[_key(queries, c)]['peak_conns']} conns, {_fmt_us(t[_key(queries, c)]['cpu_us_per_request'])}"
+                 f"({t[_key(queries, c)]['peak_conns']} conns, "
+            f"{_fmt_us(t[_key(queries, c)]['cpu_us_per_request'])}"
                  f"{_fmt_starved(t[_key(queries, c)], c)})"
                  for c in concurrency]
         lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
@@ -360,7 +369,7 @@ def write_plot(path: Path, summary: dict[str, dict[str, Any]]) -> bool:
 
     query_counts = sorted({row["queries"] for s in summary.values() for row in s["throughput"].values()})
     fig, axes = plt.subplots(1, len(query_counts), figsize=(7 * len(query_counts), 5.5), squeeze=False)
-    for ax, queries in zip(axes[0], query_counts):
+    for ax, queries in zip(axes[0], query_counts, strict=True):
         for name, entry in summary.items():
             rows = sorted((r for r in entry["throughput"].values() if r["queries"] == queries),
                           key=lambda r: r["concurrency"])

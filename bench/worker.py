@@ -75,7 +75,8 @@ def _ensure_table(driver: str, dsn: str) -> None:
     try:
         with conn.cursor() as cursor:
             cursor.execute(
-                "CREATE TABLE IF NOT EXISTS bench_item (id serial PRIMARY KEY, name varchar(100) NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS bench_item "
+                "(id serial PRIMARY KEY, name varchar(100) NOT NULL)"
             )
             cursor.execute("INSERT INTO bench_item (id, name) VALUES (1, 'one') ON CONFLICT DO NOTHING")
     finally:

@@ -10,7 +10,8 @@ its name length limits). A project whose default alias uses another ENGINE can a
 ``django_db_geventpool.E002``    ``OPTIONS["pool"]`` is set (Django's pool; one per alias)
 ``django_db_geventpool.E003``    psycopg2 with no gevent wait callback and no psycogreen
 ``django_db_geventpool.E004``    psycopg 3 imported before gevent patched ``select``
-``django_db_geventpool.W001``    ``CONN_MAX_AGE`` is not 0 (it has no effect: the pool keeps idle connections)
+``django_db_geventpool.W001``    ``CONN_MAX_AGE`` is not 0 (it has no effect: the pool keeps idle
+                                 connections)
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
 ===============================  ======================================================
 
@@ -26,7 +27,8 @@ import importlib.util
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -88,7 +90,8 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
                 f"{where}['CONN_MAX_AGE'] is {max_age!r}; with django_db_geventpool it has no "
                 "effect: every connection goes back to the pool when Django closes it, and the "
                 "pool keeps idle connections itself.",
-                hint="Set CONN_MAX_AGE to 0, and tune OPTIONS['MAX_IDLE'] / ['MAX_LIFETIME'] instead.",
+                hint="Set CONN_MAX_AGE to 0, and tune OPTIONS['MAX_IDLE'] / ['MAX_LIFETIME'] "
+                    "instead.",
                 id=_ID.format("W001"),
             ))
     if not aliases:
@@ -104,8 +107,10 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
     elif not _psycopg2_wait_callback_set() and not _psycogreen_installed():
         messages.append(checks.Error(
             f"DATABASES[{aliases[0]!r}] uses psycopg2, which has no gevent wait callback, and "
-            "psycogreen is not installed: every query would block all greenlets of the process.",
-            hint="pip install 'django-db-geventpool[psycopg2]' (it brings psycogreen); the pool "
+            "psycogreen is not installed: every query would block all greenlets of the "
+                "process.",
+            hint="pip install 'django-db-geventpool[psycopg2]' (it brings psycogreen); "
+                "the pool "
                  "installs its callback, and gunicorn.conf.py does it at start-up.",
             id=_ID.format("E003"),
         ))
@@ -181,10 +186,13 @@ def check_connection_budget(
         if total > limit:
             detail = " + ".join(f"{alias!r}: {max_conns}" for alias, max_conns in members)
             messages.append(checks.Warning(
-                f"The pools may open {total} connections to {host or 'localhost'}:{port or 5432} "
+                f"The pools may open {total} connections to "
+                    f"{host or 'localhost'}:{port or 5432} "
                 f"(MAX_CONNS {detail} = {per_process} per process x {processes} processes), "
-                f"but the server accepts {limit} (max_connections minus superuser_reserved_connections).",
-                hint="Lower MAX_CONNS, run fewer processes, raise max_connections, or put PgBouncer "
+                f"but the server accepts {limit} "
+                    "(max_connections minus superuser_reserved_connections).",
+                hint="Lower MAX_CONNS, run fewer processes, raise max_connections, "
+                    "or put PgBouncer "
                      "in front. The process count comes from GEVENTPOOL_EXPECTED_PROCESSES or "
                      "WEB_CONCURRENCY.",
                 id=_ID.format("W002"),

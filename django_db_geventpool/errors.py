@@ -5,14 +5,19 @@ that already catch database errors keep working; the pool core itself names no
 Django module, only this file does.
 """
 
+from typing import TYPE_CHECKING
+
 __all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown"]
 
-try:
+if TYPE_CHECKING:
     from django.db.utils import OperationalError as _OperationalError
-except ImportError:  # the pool core is usable (and unit-tested) without Django
+else:
+    try:
+        from django.db.utils import OperationalError as _OperationalError
+    except ImportError:  # the pool core is usable (and unit-tested) without Django
 
-    class _OperationalError(Exception):
-        """Stand-in base class when Django is not installed."""
+        class _OperationalError(Exception):
+            """Stand-in base class when Django is not installed."""
 
 
 class PoolError(_OperationalError):

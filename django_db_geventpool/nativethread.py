@@ -11,7 +11,8 @@ the calling greenlet waits cooperatively.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import gevent
 

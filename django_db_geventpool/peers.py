@@ -33,8 +33,9 @@ import os
 import random
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from time import monotonic
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from .errors import AllPeersDown
 
@@ -213,7 +214,7 @@ class PeerSet:
         if entry is not None:
             entry[1].connections -= 1
 
-    def counting_ops(self, ops: Any) -> "PeerCountingOps":
+    def counting_ops(self, ops: Any) -> PeerCountingOps:
         """``ops`` (the pool's `DriverOps`), telling this set when a connection closes."""
         return PeerCountingOps(ops, self)
 

@@ -39,8 +39,9 @@ import sys
 import traceback
 import weakref
 from collections import Counter, deque
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import gevent
 from gevent import getcurrent
@@ -104,7 +105,7 @@ COUNTER_KEYS = (
     RETURNS_BAD,
     CHECKS_ROUNDTRIP,
 )
-STATS_KEYS = (POOL_MAX, POOL_SIZE, POOL_AVAILABLE, REQUESTS_WAITING) + COUNTER_KEYS
+STATS_KEYS = (POOL_MAX, POOL_SIZE, POOL_AVAILABLE, REQUESTS_WAITING, *COUNTER_KEYS)
 
 
 class TransactionStatus:
@@ -184,7 +185,7 @@ class Lease:
         self.checked_out_at = now
         self.stack: traceback.StackSummary | None = None
         self.leak_timer: Any = None
-        self.finalizer: weakref.finalize | None = None
+        self.finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -195,7 +196,7 @@ class Lease:
         # Runs in the hub when the holding greenlet ends: I/O (a rollback) must
         # happen in a greenlet of its own.
         if self.active:
-            gevent.spawn(self.pool._reclaim, self, "greenlet %r ended" % (greenlet,))
+            gevent.spawn(self.pool._reclaim, self, f"greenlet {greenlet!r} ended")
 
 
 class _Waiter:
@@ -212,7 +213,7 @@ class _Waiter:
         self.wakeup = HubWaiter()
         self.served = False
         self.cancelled = False
-        self.conn: PooledConnection | None | object = None
+        self.conn: PooledConnection | object | None = None
 
 
 # Frames of the checkout stack kept for a leak report (innermost first): the
@@ -619,7 +620,7 @@ class ConnectionPool:
             raise AssertionError(f"pool {self.name!r}: slot released more often than taken")
         self._slots_used -= 1
 
-    def _hand_over(self, conn: PooledConnection | None | object) -> bool:
+    def _hand_over(self, conn: PooledConnection | object | None) -> bool:
         # Critical section: serve the oldest waiter that has not given up.
         waiters = self._waiters
         while waiters:
@@ -653,7 +654,9 @@ class ConnectionPool:
         self._stats[CONNECTIONS_LEAKED] += 1
         logger.warning(
             "pool %r: connection checked out %.1fs ago and not returned yet; checked out at:\n%s",
-            self.name, monotonic() - lease.checked_out_at, "".join(lease.stack.format()),
+            self.name,
+            monotonic() - lease.checked_out_at,
+            "".join(lease.stack.format()) if lease.stack is not None else "(no stack)",
         )
 
     # -- maintenance ----------------------------------------------------------
@@ -811,7 +814,7 @@ class ConnectionPool:
         at fork time, and the child would hang before it could ``exec`` (psycopg2,
         any ``subprocess`` call made while queries run).
         """
-        inherited = [c for c in self._idle] + [lease.conn for lease in self._in_use]
+        inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
         for lease in self._in_use:
             lease.conn.lease = None
             lease.greenlet = None

@@ -12,7 +12,7 @@ reaches the caller; the pool keeps its slots.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal

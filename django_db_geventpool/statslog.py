@@ -37,7 +37,7 @@ def start_stats_logger(pool: ConnectionPool, interval: float) -> gevent.Greenlet
     return gevent.spawn(_log_forever, weakref.ref(pool), interval)
 
 
-def _log_forever(pool_ref: "weakref.ref[ConnectionPool]", interval: float) -> None:
+def _log_forever(pool_ref: weakref.ref[ConnectionPool], interval: float) -> None:
     while True:
         gevent.sleep(interval)
         pool = pool_ref()

@@ -9,7 +9,8 @@ as soon as it is done instead of when the greenlet ends.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 __all__ = ["close_connection", "give_back_connections"]
 
@@ -31,7 +32,7 @@ def give_back_connections() -> None:
 class _CloseConnection:
     """Context manager and decorator; see `close_connection`."""
 
-    def __enter__(self) -> "_CloseConnection":
+    def __enter__(self) -> _CloseConnection:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -81,7 +81,8 @@ class Progress:
     def line(self) -> str:
         filled = BAR_WIDTH * self.done // self.total
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        return f"[{bar}] {self.done:>5}/{self.total} requests, {self.failed} failed {self.note}".rstrip()
+        line = f"[{bar}] {self.done:>5}/{self.total} requests, {self.failed} failed {self.note}"
+        return line.rstrip()
 
     def draw_forever(self) -> None:
         while self.tty:
@@ -125,7 +126,7 @@ class ServerConnections:
                                [APP_NAME])
                 self.peak = max(self.peak, cursor.fetchone()[0])
                 cursor.close()
-            except Exception:  # noqa: BLE001 - the server is restarting: try again
+            except Exception:  # the server is restarting: try again
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 from celery.result import ResultSet
 
+from tests.support.eventually import wait_until
 from tests.support.helpers import ServerConnectionSampler
 from tests.support.servers import example_env, migrate_example, start_celery_worker, start_redis
 
@@ -23,6 +24,8 @@ EXAMPLE_DB = "geventpool_example"
 APP_NAME = "geventpool-celery-test"
 MAX_CONNS = 5
 TASKS = 1000
+# How long the asyncio tasks' loop runs: ample for 50 sells on a busy machine.
+LOOP_SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def redis_url(tmp_path_factory):
 def product_id(cluster):
     migrate_example(cluster, EXAMPLE_DB)
     return int(cluster.psql(
-        "INSERT INTO shop_product (name, price_cents, sold) VALUES ('celery', 100, 0) RETURNING id",
+        "INSERT INTO shop_product (name, price_cents, sold) "
+        "VALUES ('celery', 100, 0) RETURNING id",
         dbname=EXAMPLE_DB,
     ).splitlines()[0])
 
@@ -100,16 +104,46 @@ def test_thousand_orm_tasks_stay_under_the_cap_and_give_back(client, worker, pro
     assert "SynchronousOnlyOperation" not in worker.log()
 
 
+def test_failed_and_retried_tasks_give_their_connections_back(client, product_id):
+    """docs/celery.md: task_postrun gives the connection back on failure and on retry too."""
+    before = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
+    calls = [("shop.tasks.fail_after_query", (product_id,))] * 20
+    calls += [("shop.tasks.retry_once_after_query", (product_id,))] * 20
+    values = _run_all(client, calls)
+    assert [type(v).__name__ for v in values[:20]] == ["ValueError"] * 20
+    assert values[20:] == [1] * 20  # each retried once, then succeeded
+    stats = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
+    assert stats["pid"] == before["pid"]
+    # 20 + 40 checkouts, every one given back at task_postrun, none reclaimed later.
+    assert stats["requests_num"] - before["requests_num"] >= 60
+    assert stats["pool_size"] - stats["pool_available"] == 0
+    assert stats["connections_reclaimed"] == before["connections_reclaimed"]
+    assert stats["requests_errors"] == before["requests_errors"]
+
+
+def _sells_while_the_loop_runs(client, task_name, product_id, count=50):
+    """Start ``task_name``'s asyncio loop; once it runs, ``count`` sells; their results.
+
+    Fails unless every sell ended while the loop was still running: the overlap is
+    what both asyncio tests are about.
+    """
+    loop_task = client.send_task(task_name, args=(LOOP_SECONDS,))
+    wait_until(lambda: loop_task.state == "LOOP_RUNNING", timeout=60, interval=0.05)
+    values = _run_all(client, [("shop.tasks.sell", (product_id,))] * count)
+    assert loop_task.state == "LOOP_RUNNING", "the sells did not all end inside the loop"
+    loop_task.get(timeout=LOOP_SECONDS + 60)
+    return values
+
+
 def test_asyncio_loop_in_a_greenlet_is_what_raises_synchronous_only(client, product_id):
     """The cause of SynchronousOnlyOperation under --pool gevent: a loop in a sibling greenlet."""
-    calls = [("shop.tasks.sleep_in_asyncio", (1.0,))] + [("shop.tasks.sell", (product_id,))] * 50
-    values = _run_all(client, calls)
-    names = {type(v).__name__ for v in values if isinstance(v, BaseException)}
-    assert names == {"SynchronousOnlyOperation"}
+    values = _sells_while_the_loop_runs(client, "shop.tasks.sleep_in_asyncio", product_id)
+    assert {type(v).__name__ for v in values} == {"SynchronousOnlyOperation"}
 
 
 def test_asyncio_in_a_native_thread_leaves_the_orm_alone(client, product_id):
-    calls = [("shop.tasks.sleep_in_asyncio_native_thread", (1.0,))]
-    calls += [("shop.tasks.sell", (product_id,))] * 50
-    values = _run_all(client, calls)
+    values = _sells_while_the_loop_runs(
+        client, "shop.tasks.sleep_in_asyncio_native_thread", product_id
+    )
     assert [v for v in values if isinstance(v, BaseException)] == []
+    assert all(isinstance(v, int) for v in values)

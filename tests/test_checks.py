@@ -43,7 +43,7 @@ def test_manage_py_check_runs_them_without_an_installed_app(tmp_path):
 
 def test_bad_option_fails_manage_py_check(configure_pool):
     configure_pool(MAX_CONS=10)
-    with pytest.raises(SystemCheckError, match="MAX_CONS.*did you mean 'MAX_CONNS'"):
+    with pytest.raises(SystemCheckError, match=r"MAX_CONS.*did you mean 'MAX_CONNS'"):
         call_command("check", stdout=io.StringIO())
     assert _ids() == ["django_db_geventpool.E001"]
 

@@ -120,3 +120,55 @@ def test_old_import_path():
 
     assert gevent.spawn(task).get(timeout=5) > 0
     assert _given_back()
+
+
+@pytest.fixture
+def more_aliases():
+    """A second pooled alias, and two aliases on Django's own PostgreSQL backend."""
+    from django.db import connections
+
+    default = connections.settings["default"]
+    added = {
+        "second": {**default, "OPTIONS": {**default["OPTIONS"]}},
+        "plain": {**default, "ENGINE": "django.db.backends.postgresql",
+                  "OPTIONS": {"application_name": "geventpool-plain"}, "CONN_MAX_AGE": 0},
+        "plain_persistent": {**default, "ENGINE": "django.db.backends.postgresql",
+                             "OPTIONS": {"application_name": "geventpool-plain"},
+                             "CONN_MAX_AGE": None},
+    }
+    connections.settings.update(added)
+    yield list(added)
+    for alias in added:
+        connections[alias].close()
+        if alias == "second":
+            connections[alias].close_pool()
+        del connections[alias]
+        del connections.settings[alias]
+
+
+def test_gives_back_every_alias_and_treats_other_backends_as_a_request_end(more_aliases):
+    from django.db import connections
+
+    aliases = ["default", *more_aliases]
+
+    @close_connection
+    def use_all() -> None:
+        for alias in aliases:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+
+    def request() -> dict[str, bool]:
+        use_all()
+        still_open = {alias: connections[alias].connection is not None for alias in aliases}
+        connections["plain_persistent"].close()
+        return still_open
+
+    still_open = gevent.spawn(request).get(timeout=10)
+    # Both pools got their connection back; Django's backend closed the CONN_MAX_AGE=0
+    # connection and kept the persistent one, as at the end of a request.
+    assert still_open == {"default": False, "second": False, "plain": False,
+                          "plain_persistent": True}
+    for alias in ("default", "second"):
+        stats = get_stats(alias)
+        assert stats["pool_size"] == stats["pool_available"] == 1, alias
+        assert stats["connections_reclaimed"] == 0, alias

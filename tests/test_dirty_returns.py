@@ -14,9 +14,8 @@ from django_db_geventpool import get_stats
 from django_db_geventpool.backends.drivers import driver_ops
 from django_db_geventpool.pool import TransactionStatus
 from tests.support.eventually import wait_until
-from tests.support.helpers import pool_backends, raw_connect, wait_until_gone
+from tests.support.helpers import pool_backends, raw_connect, wait_until_gone, wait_until_running
 from tests.testapp.models import Item
-
 
 # A server backend busy in pg_sleep notices that its client closed the
 # connection only if told to check (PostgreSQL 14+); otherwise it would
@@ -68,7 +67,7 @@ def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, obs
             gevent.sleep(30)
 
     greenlet = gevent.spawn(doomed)
-    inserted.wait(5)
+    assert inserted.wait(5)
     greenlet.kill()
     wait_until(lambda: get_stats()["pool_size"] == get_stats()["pool_available"])
     assert pool_backends(observer, "idle in transaction") == []
@@ -92,8 +91,8 @@ def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
                 cursor.execute("SELECT pg_sleep(30)")
 
     greenlet = gevent.spawn(doomed)
-    inserted.wait(5)
-    gevent.sleep(0.05)  # now inside pg_sleep
+    assert inserted.wait(5)
+    wait_until_running(observer, "SELECT pg_sleep(30)")  # the server is in the query now
     greenlet.kill()
     # The connection of the killed query is closed, not reused; the server
     # ends that backend and rolls back its transaction.
@@ -144,25 +143,39 @@ def test_failed_transaction_is_rolled_back_on_return(configure_pool):
     _next_checkout_is_clean()
 
 
-def _query_interrupted_by_a_timeout(sleep_seconds: int) -> int:
-    """``pg_sleep(sleep_seconds)`` on the pooled connection, cut by a 0.2 s gevent.Timeout.
+def _query_interrupted_by_a_timeout(observer, sleep_seconds: int) -> tuple[int, object]:
+    """A request whose ``pg_sleep(sleep_seconds)`` a `gevent.Timeout` interrupts.
 
-    Returns the pid of the interrupted backend; the connection is not closed.
+    The timeout is raised in the request's greenlet once the server shows the query
+    running (not after a fixed delay that a slow connect could outlast); the request
+    then ends as a view does, giving its connection back. Returns the interrupted
+    backend's pid and the raw connection it used.
     """
-    with pytest.raises(gevent.Timeout):
-        with gevent.Timeout(0.2):
+    sql = f"SELECT pg_sleep({int(sleep_seconds)})"
+    seen: dict[str, object] = {}
+
+    def request() -> None:
+        try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_backend_pid()")
-                interrupted_pid = cursor.fetchone()[0]
-                cursor.execute(f"SELECT pg_sleep({int(sleep_seconds)})")
-    return interrupted_pid
+                seen["pid"] = cursor.fetchone()[0]
+                seen["raw"] = connection.connection
+                cursor.execute(sql)
+        except gevent.Timeout as exc:
+            seen["interrupted"] = exc
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)
+    wait_until_running(observer, sql)
+    greenlet.kill(gevent.Timeout(), block=True, timeout=10)
+    assert isinstance(seen.get("interrupted"), gevent.Timeout), seen
+    return seen["pid"], seen["raw"]  # type: ignore[return-value]
 
 
 def test_query_interrupted_by_a_timeout_is_closed_not_reused(configure_pool, observer):
     configure_pool(MAX_CONNS=1, options=NOTICE_CLOSED_CLIENTS)
-    interrupted_pid = _query_interrupted_by_a_timeout(sleep_seconds=5)
-    raw = connection.connection
-    connection.close()
+    interrupted_pid, raw = _query_interrupted_by_a_timeout(observer, sleep_seconds=5)
 
     assert driver_ops().is_closed(raw)
     assert get_stats()["returns_bad"] + get_stats()["connections_lost"] >= 1
@@ -178,8 +191,7 @@ if is_psycopg3:
 
     def test_interrupted_query_is_cancelled_in_the_server(configure_pool, observer):
         configure_pool(MAX_CONNS=1)
-        interrupted_pid = _query_interrupted_by_a_timeout(sleep_seconds=60)
-        connection.close()
+        interrupted_pid, _ = _query_interrupted_by_a_timeout(observer, sleep_seconds=60)
         # Without the cancel, this backend would sleep on for a minute: a server
         # connection beyond MAX_CONNS once the pool opens a replacement.
         wait_until_gone(observer, interrupted_pid)

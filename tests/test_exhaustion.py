@@ -26,6 +26,16 @@ def _hold(seconds: float, holding: Event | None = None) -> None:
         connection.close()
 
 
+def _checkout() -> None:
+    # ``connection`` is per greenlet: looked up here, in the greenlet that checks out.
+    connection.ensure_connection()
+
+
+def _queued(count: int) -> None:
+    """Wait until ``count`` checkouts wait in the pool's queue."""
+    wait_until(lambda: get_stats()["requests_waiting"] == count)
+
+
 def _start_holders(count: int, seconds: float) -> list[gevent.Greenlet]:
     holders = []
     for _ in range(count):
@@ -67,8 +77,8 @@ def test_checkout_times_out_with_a_message_that_explains(configure_pool):
 def test_message_counts_the_other_waiters(configure_pool):
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.3)
     holders = _start_holders(1, 1.0)
-    first = gevent.spawn(connection.ensure_connection)
-    gevent.sleep(0.05)
+    first = gevent.spawn(_checkout)
+    _queued(1)
     # The first waiter gives up while the second still waits, and says so.
     with pytest.raises(PoolTimeout, match="0 other checkouts waiting"):
         connection.ensure_connection()
@@ -94,8 +104,7 @@ def test_waiter_is_served_when_a_holder_connection_is_discarded(configure_pool):
     holder = gevent.spawn(holder_closes_inside_atomic)
     holding.wait(5)
     waiting = gevent.spawn(request_pid)
-    gevent.sleep(0.05)
-    assert get_stats()["requests_waiting"] == 1
+    _queued(1)
     release.set()
     waiter_pid = waiting.get(timeout=5)
     holder.get(timeout=5)
@@ -125,7 +134,7 @@ def test_waiter_is_served_when_the_holder_gives_back_a_terminated_connection(con
     holding_greenlet = gevent.spawn(holder)
     holding.wait(5)
     waiting = gevent.spawn(request_pid)
-    gevent.sleep(0.05)
+    _queued(1)
     terminate_backend(holder_pid[0])
     killed.set()
     holding_greenlet.get(timeout=5)
@@ -148,7 +157,7 @@ def test_waiters_are_served_in_arrival_order(configure_pool):
     waiters = []
     for number in range(6):
         waiters.append(gevent.spawn(request, number))
-        gevent.sleep(0.01)
+        _queued(number + 1)  # queued in this order
     gevent.joinall(holders + waiters, raise_error=True)
     assert order == list(range(6))
 
@@ -156,9 +165,8 @@ def test_waiters_are_served_in_arrival_order(configure_pool):
 def test_killed_waiter_does_not_lose_the_slot(configure_pool):
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=5)
     holders = _start_holders(1, 0.3)
-    doomed = gevent.spawn(connection.ensure_connection)
-    gevent.sleep(0.05)
-    assert get_stats()["requests_waiting"] == 1
+    doomed = gevent.spawn(_checkout)
+    _queued(1)
     doomed.kill()
     gevent.joinall(holders, raise_error=True)
     stats = get_stats()
@@ -185,8 +193,8 @@ def test_waiter_killed_as_it_is_served_does_not_lose_the_slot(configure_pool):
 
     holding_greenlet = gevent.spawn(holder)
     holding.wait(5)
-    doomed = gevent.spawn(connection.ensure_connection)
-    gevent.sleep(0.05)
+    doomed = gevent.spawn(_checkout)
+    _queued(1)
     release.set()
     holding_greenlet.join(5)  # the slot is handed to the waiter here
     doomed.kill()

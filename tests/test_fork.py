@@ -16,14 +16,25 @@ import signal
 import traceback
 
 import gevent
+import gevent.event
 import gevent.os
 import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
-from tests.support.helpers import backend_pid, pool_pids, raw_connect, request_pid
+from tests.support.helpers import (
+    backend_pid,
+    pool_pids,
+    query,
+    raw_connect,
+    request_pid,
+    wait_until_running,
+)
 
 logger = logging.getLogger(__name__)
+
+IN_FLIGHT_LOCK = 7_315_001
+IN_FLIGHT_SQL = f"SELECT pg_advisory_xact_lock({IN_FLIGHT_LOCK})"
 
 
 def _pooled_query_pids(count: int) -> list[int]:
@@ -33,11 +44,14 @@ def _pooled_query_pids(count: int) -> list[int]:
 
 def _open_idle_connections(count: int) -> set[int]:
     """Open ``count`` connections at once and leave them idle in the pool; their pids."""
-    pids = []
+    pids: list[int] = []
+    all_held = gevent.event.Event()
 
     def hold():
         pids.append(backend_pid())
-        gevent.sleep(0.02)
+        if len(pids) == count:
+            all_held.set()
+        assert all_held.wait(10), "the other connections were never held at the same time"
         connection.close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
@@ -84,15 +98,20 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
     if query_in_flight:
         # A parent greenlet in the middle of a query when the fork happens (its
         # driver may hold the connection's lock at that moment).
+        # The query waits on an advisory lock the observer holds, so it is still
+        # running at the fork whatever the machine's speed; it ends when released.
+        lock_holder = raw_connect()
+        query(lock_holder, "SELECT pg_advisory_lock(%s)", [IN_FLIGHT_LOCK])
+
         def slow_query():
             pid = backend_pid()
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_sleep(0.3)")
+                cursor.execute(IN_FLIGHT_SQL)
             connection.close()
             return pid
 
         in_flight = gevent.spawn(slow_query)
-        gevent.sleep(0.05)
+        wait_until_running(lock_holder, IN_FLIGHT_SQL)
     stats_before = get_stats()
 
     read_fd, write_fd = os.pipe()
@@ -113,6 +132,9 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
             parent_errors.append(exc)
 
     worker = gevent.spawn(keep_querying)
+    if query_in_flight:
+        query(lock_holder, "SELECT pg_advisory_unlock(%s)", [IN_FLIGHT_LOCK])
+        lock_holder.close()
     held_pids_meanwhile = [backend_pid() for _ in range(20)]
     with gevent.Timeout(30, RuntimeError("the child did not finish")):
         try:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.helpers import ServerConnectionSampler
 from tests.support.httpload import run_load
-from tests.support.servers import migrate_example, start_gunicorn, example_env
+from tests.support.servers import example_env, migrate_example, start_gunicorn
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import pytest
 from django.db import connection
 
 from django_db_geventpool import get_stats
+from django_db_geventpool.backends.options import parse_pool_settings
 from tests.support.helpers import query, raw_connect
 
 # One transaction, and after it the backend's counters are visible to others.
@@ -94,10 +95,13 @@ def test_reuse_within_the_delay_costs_no_round_trip(configure_pool, server_trans
 
 
 def test_idle_longer_than_the_delay_gets_exactly_one(configure_pool, server_transactions):
-    configure_pool(MAX_CONNS=1, HEALTH_CHECK_DELAY=0.2)
+    # The delay is long enough that the second checkout, right after the first, is
+    # within it even on a busy machine; the idle time before the first is what the test
+    # is about, so a sleep (never shorter than asked) is the condition itself.
+    configure_pool(MAX_CONNS=1, HEALTH_CHECK_DELAY=1.0)
 
     def idle_then_checkout() -> None:
-        gevent.sleep(0.3)
+        gevent.sleep(1.2)
         _checkout_and_return()  # one round trip here...
         _checkout_and_return()  # ...and none here: it was just used
 
@@ -121,9 +125,13 @@ def test_delay_zero_checks_every_checkout(configure_pool, server_transactions):
 
 def test_delay_none_never_pays_a_round_trip(configure_pool, server_transactions):
     configure_pool(MAX_CONNS=1, HEALTH_CHECK_DELAY=None)
+    # Idle for longer than the default delay: with the default, this checkout would pay
+    # a round trip, so the test fails if None is read as "use the default".
+    default_delay = parse_pool_settings("default", {"NAME": "db", "OPTIONS": {}}).health_check_delay
+    assert default_delay is not None
 
     def idle_then_checkouts() -> None:
-        gevent.sleep(0.3)
+        gevent.sleep(default_delay + 0.2)
         for _ in range(3):
             _checkout_and_return()
 

@@ -105,3 +105,55 @@ def test_the_sweeper_closes_expired_idle_connections_without_traffic(configure_p
     assert stats["pool_available"] == 0
     assert stats["connections_expired"] == 2
     assert stats["requests_num"] == 2  # no checkout found them expired
+
+
+@pytest.mark.parametrize("reuse", [0, 1, 3])
+def test_reuse_conns_keeps_that_many_server_sessions_idle(configure_pool, reuse):
+    configure_pool(MAX_CONNS=4, REUSE_CONNS=reuse, HEALTH_CHECK_DELAY=None)
+    opened = set(_concurrent_pids(4))
+    assert len(opened) == 4
+    observer = raw_connect()
+    try:
+        # The connections beyond REUSE_CONNS were closed on return: their backends end.
+        wait_until(lambda: len(pool_pids(observer)) == reuse)
+        kept = pool_pids(observer)
+        assert kept <= opened
+        stats = get_stats()
+        assert stats["pool_size"] == stats["pool_available"] == reuse
+        # The next requests are served by the kept sessions, without a connect.
+        if reuse:
+            assert set(_concurrent_pids(reuse)) == kept
+        assert get_stats()["connections_num"] == 4
+    finally:
+        observer.close()
+
+
+def test_a_changed_user_closes_the_old_users_idle_connections(cluster, configure_pool):
+    """docs/operations.md: with dynamic credentials, the old user's idle connections close."""
+    cluster.psql("DO $$ BEGIN CREATE ROLE geventpool_rotated LOGIN; "
+                 "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    configure_pool(MAX_CONNS=2)
+    old_pid = backend_pid()
+    connection.close()
+    assert get_stats()["pool_available"] == 1
+    # What a reconnect hook does when the secrets store hands out a new user.
+    connection.settings_dict["USER"] = "geventpool_rotated"  # restored after the test
+
+    def whoami() -> tuple[str, int]:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT current_user, pg_backend_pid()")
+                return cursor.fetchone()
+        finally:
+            connection.close()
+
+    user, pid = gevent.spawn(whoami).get(timeout=10)
+    assert user == "geventpool_rotated"
+    assert pid != old_pid
+    observer = raw_connect()
+    try:
+        wait_until(lambda: old_pid not in pool_pids(observer))
+    finally:
+        observer.close()
+    stats = get_stats()
+    assert stats["pool_size"] == stats["pool_available"] == 1

@@ -19,6 +19,7 @@ import pytest
 from django.db import connection
 
 from django_db_geventpool import get_stats
+from tests.support.eventually import wait_until
 from tests.support.helpers import backend_pid
 from tests.testapp.models import Item
 
@@ -38,7 +39,8 @@ def test_leak_is_reported_once_with_the_checkout_stack(configure_pool, caplog):
     # must still reach this test.
     item = Item.objects.create(name="leak")
     pid = backend_pid()
-    gevent.sleep(0.5)  # five leak timeouts
+    wait_until(lambda: _leak_warnings(caplog))
+    gevent.sleep(0.5)  # five more leak timeouts: still reported once
 
     warnings = _leak_warnings(caplog)
     assert len(warnings) == 1
@@ -55,12 +57,14 @@ def test_leak_is_reported_once_with_the_checkout_stack(configure_pool, caplog):
 
 
 def test_connection_given_back_in_time_is_not_reported(configure_pool, caplog):
-    configure_pool(LEAK_TIMEOUT=0.2)
+    # Each checkout lasts milliseconds: a timeout of a second cannot be reached by a
+    # busy machine, and the sleep after lets any (wrong) report fire.
+    configure_pool(LEAK_TIMEOUT=1.0)
     caplog.set_level(logging.WARNING, logger="django_db_geventpool")
     for _ in range(3):
         backend_pid()
         connection.close()
-    gevent.sleep(0.4)
+    gevent.sleep(1.5)
     assert _leak_warnings(caplog) == []
     assert get_stats()["connections_leaked"] == 0
 

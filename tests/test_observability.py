@@ -49,7 +49,17 @@ def test_stats_view_reports_every_pooled_alias_as_json():
 def test_stats_view_opens_no_connection_and_refuses_writes():
     response = stats_view(RequestFactory().get("/pool/stats"))
     assert json.loads(response.content)["databases"]["default"]["connections_num"] == 0
-    assert stats_view(RequestFactory().post("/pool/stats")).status_code == 405
+    for method in ("post", "put", "patch", "delete"):
+        request = getattr(RequestFactory(), method)("/pool/stats")
+        assert stats_view(request).status_code == 405, method
+
+
+def test_stats_view_answers_head():
+    """GET and HEAD are documented (docs/observability.md): a HEAD probe gets a 200."""
+    response = stats_view(RequestFactory().head("/pool/stats"))
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+    assert response["Cache-Control"] == "no-store"
 
 
 def test_stats_view_can_be_wrapped_by_a_permission_check():

@@ -26,7 +26,7 @@ import pytest
 from django.core.management import call_command
 from django.db import DatabaseError, OperationalError, connections
 
-from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry
+from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry, signals
 from django_db_geventpool.peers import PeerSet
 from tests.support.eventually import wait_until
 from tests.support.pgserver import PostgresCluster, free_port
@@ -90,7 +90,7 @@ def peered(clusters):
 
     Both clusters are running when the test starts; the pool is closed after it.
     """
-    a, b = clusters
+    a, _ = clusters
     for cluster in clusters:
         if not cluster.is_running():
             cluster.start()
@@ -169,7 +169,7 @@ class Load:
         gevent.killall(stuck)
         assert not stuck, f"{len(stuck)} requests still running 30 s after the load stopped"
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
@@ -528,3 +528,49 @@ def test_a_due_peer_is_retried_by_one_checkout_at_a_time():
     for raw in others:
         peer_set.closed(raw)
     assert peer_set.get_stats()["peer.y.connections"] == 0
+
+
+def test_reconnect_hooks_run_around_each_peer_tried_after_the_first(clusters, peered):
+    """docs/peers.md: the hooks run before and after each peer tried after the first."""
+    a, b = clusters
+    peered(MAX_CONNS=4, CHECK_INTERVAL=30.0)
+    calls: list[tuple[str, str]] = []
+
+    def pre(dbwrapper):
+        calls.append(("pre", dbwrapper.alias))
+
+    def post(dbwrapper):
+        calls.append(("post", dbwrapper.alias))
+
+    stop_server(a)
+    signals.add_pre_reconnect_hook(pre)
+    signals.add_post_reconnect_hook(post)
+    release = gevent.event.Event()
+    ports: list[str] = []
+
+    def hold() -> None:
+        connection = connections[PEERED]
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT current_setting('port')")
+                ports.append(cursor.fetchone()[0])
+            release.wait(30)
+        finally:
+            connection.close()
+
+    holders = []
+    try:
+        # Each held checkout opens a connection on the peer with the fewest: by the
+        # second one at the latest, A (stopped, no connection yet) is tried first,
+        # refuses, and B is tried after it: one pre and one post hook. A is then
+        # skipped while down, so B is the first peer tried: no more hooks.
+        for count in range(1, 5):
+            holders.append(gevent.spawn(hold))
+            wait_until(lambda count=count: len(ports) == count, timeout=20)
+        assert ports == [str(b.port)] * 4
+        assert calls == [("pre", PEERED), ("post", PEERED)]
+    finally:
+        release.set()
+        gevent.joinall(holders, timeout=10)
+        signals.remove_reconnect_hook(pre)
+        signals.remove_reconnect_hook(post)

@@ -8,6 +8,7 @@ terminated. A pre-reconnect hook copies the current password from the store into
 """
 
 import copy
+import itertools
 import logging
 from time import monotonic
 
@@ -294,10 +295,14 @@ def test_post_reconnect_hook_runs_only_when_a_retried_connect_succeeds(rotating,
 
 def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating, hooks, caplog):
     connections.settings[ALIAS]["PASSWORD"] = "stale-secret"
-    _configure(MAX_CONNS=1, CONNECT_RETRIES=3, CONNECT_RETRY_DELAY=0.04)
+    delay = 0.1
+    _configure(MAX_CONNS=1, CONNECT_RETRIES=3, CONNECT_RETRY_DELAY=delay)
     calls = []
+    called_at: list[float] = []
 
     def fetch_password(dbwrapper):
+        # Runs right before each retry's connect: the gaps between calls are the pauses.
+        called_at.append(monotonic())
         calls.append(dbwrapper.settings_dict["PASSWORD"])
         if len(calls) == 3:  # the store has caught up at the third retry
             dbwrapper.settings_dict["PASSWORD"] = "first-secret"
@@ -311,10 +316,14 @@ def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating
     assert stats["connections_errors"] == 3
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
     assert [r.args[2] for r in retries] == [1, 2, 3]
-    # Doubled each time, with jitter between half and all of the delay.
+    # Doubled each time, with jitter between half and all of the delay: what was logged...
     for n, record in enumerate(retries):
-        delay = 0.04 * 2**n
-        assert delay * 0.5 <= record.args[4] <= delay
+        assert delay * 2**n * 0.5 <= record.args[4] <= delay * 2**n
+    # ...and what was slept: the pause before retry n+1 is at least half of delay * 2**n
+    # (a pause that does not double stays under delay and fails the second bound).
+    gaps = [later - earlier for earlier, later in itertools.pairwise(called_at)]
+    assert gaps[0] >= delay * 2 * 0.5, gaps
+    assert gaps[1] >= delay * 4 * 0.5, gaps
 
 
 def test_retries_exhausted_give_the_drivers_error(rotating, hooks):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
@@ -55,7 +55,14 @@ _POOL_OPTION_SET = frozenset(POOL_OPTION_NAMES)
 _params_by_alias: dict[str, tuple[tuple, dict[str, Any], dict[str, Any]]] = {}
 
 
-class PooledDatabaseWrapperMixin:
+if TYPE_CHECKING:
+    # What the mixin is mixed into: Django's PostgreSQL wrapper (checked with django-stubs).
+    from django.db.backends.postgresql.base import DatabaseWrapper as _MixinBase
+else:
+    _MixinBase = object
+
+
+class PooledDatabaseWrapperMixin(_MixinBase):
     """Serve a Django PostgreSQL ``DatabaseWrapper`` from a per-alias gevent pool."""
 
     _pool_lease: Lease | None = None
@@ -117,13 +124,13 @@ class PooledDatabaseWrapperMixin:
         source = (
             settings_dict.get("NAME"), settings_dict.get("USER"), settings_dict.get("PASSWORD"),
             settings_dict.get("HOST"), settings_dict.get("PORT"),
-            django_settings.USE_TZ, self.timezone,  # type: ignore[attr-defined]
+            django_settings.USE_TZ, self.timezone,
         )
         options = settings_dict.get("OPTIONS") or {}
         cached = _params_by_alias.get(self.alias)
         if cached is not None and cached[0] == source and cached[1] == options:
             return dict(cached[2])
-        params = super().get_connection_params()  # type: ignore[misc]
+        params = super().get_connection_params()
         for name in _POOL_OPTION_SET.intersection(params):
             del params[name]
         _params_by_alias[self.alias] = (source, dict(options), dict(params))
@@ -135,7 +142,7 @@ class PooledDatabaseWrapperMixin:
         if pool is None or pool.closed:
             pool = self.geventpool
             if pool is None:
-                return super().get_new_connection(conn_params)  # type: ignore[misc]
+                return super().get_new_connection(conn_params)
         if self._pool_lease is not None:
             # A previous checkout was never given back through close(): give it
             # back now rather than leak its slot.
@@ -156,8 +163,9 @@ class PooledDatabaseWrapperMixin:
             return target
         # An idle connection to any peer will do: the target is the whole set's,
         # and it changes (closing idle connections) when any peer's entry does.
-        return (target,) + tuple(
-            connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]
+        return (
+            target,
+            *(connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]),
         )
 
     def _pool_opener(self, peer_set: Any) -> Any:
@@ -181,7 +189,7 @@ class PooledDatabaseWrapperMixin:
         params = self.get_connection_params() if peer is None else peer_connection_params(self, peer)
         ops = driver_ops()
         with ops.connect_deadline(params):
-            raw = super().get_new_connection(params)  # type: ignore[misc]
+            raw = super().get_new_connection(params)
         try:
             if ops.transaction_status(raw) != 0:
                 # Per-connection set-up (PostGIS type lookups) ran in a transaction.
@@ -205,7 +213,7 @@ class PooledDatabaseWrapperMixin:
         cursor, so the wrapper must point at ``raw`` meanwhile: with no connection
         it would check out another one (a deadlock at MAX_CONNS=1).
         """
-        previous = self.connection  # type: ignore[has-type]
+        previous = self.connection
         self.connection = raw
         try:
             return self._configure_connection(raw)  # type: ignore[attr-defined]
@@ -215,10 +223,10 @@ class PooledDatabaseWrapperMixin:
     def init_connection_state(self) -> None:
         lease = self._pool_lease
         if lease is None:
-            return super().init_connection_state()  # type: ignore[misc]
+            return super().init_connection_state()
         # The session set-up of Django's PostgreSQL backend was done when the
         # server connection was opened; only the generic part runs per checkout.
-        BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+        BaseDatabaseWrapper.init_connection_state(self)
         if lease.pool.reset_query:
             # A reset query such as DISCARD ALL also undid the session set-up
             # (role, time zone) when the connection was returned: redo it.
@@ -253,7 +261,7 @@ class PooledDatabaseWrapperMixin:
             # Idle connections belong in the pool, whatever CONN_MAX_AGE says.
             self.close()
             return
-        super().close_if_unusable_or_obsolete()  # type: ignore[misc]
+        super().close_if_unusable_or_obsolete()
 
     def _forget_inherited_connection(self) -> None:
         """After fork: drop the parent's connection without closing it (see pool)."""

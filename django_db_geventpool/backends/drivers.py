@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -28,6 +29,9 @@ def _gevent_patched(module: str) -> bool:
 
 class _DBAPIOps:
     """What both drivers do alike, through the DB-API connection methods."""
+
+    #: The driver's connect errors worth a retry (the pool's `DriverOps` protocol).
+    connect_errors: tuple[type[BaseException], ...]
 
     @staticmethod
     def rollback(raw: Any) -> None:

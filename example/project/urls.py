@@ -5,9 +5,9 @@ from functools import wraps
 
 from django.http import HttpResponseForbidden
 from django.urls import path
+from shop.views import product_summary
 
 from django_db_geventpool.views import ready_view, stats_view
-from shop.views import product_summary
 
 
 def loopback_only(view):

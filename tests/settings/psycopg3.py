@@ -1,4 +1,4 @@
-from .base import *  # noqa: F401,F403
+from .base import *  # noqa: F403
 from .base import database
 
 DATABASES = {"default": database("django_db_geventpool.backends.postgresql_psycopg3")}

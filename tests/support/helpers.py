@@ -6,8 +6,8 @@ from time import monotonic
 
 import gevent
 
-from tests.support.eventually import wait_until
 from tests.settings.base import TEST_APPLICATION_NAME
+from tests.support.eventually import wait_until
 
 
 def raw_connect(dbname: str = "geventpool_test", **extra):
@@ -54,6 +54,22 @@ def pool_backends(conn, state: str | None = None) -> list[tuple]:
 def pool_pids(conn, state: str | None = None) -> set[int]:
     """The backend pids of the pool's server connections (in ``state``, if given)."""
     return {pid for pid, _ in pool_backends(conn, state)}
+
+
+def running(conn, sql: str, application_name: str = TEST_APPLICATION_NAME) -> set[int]:
+    """Pids of the backends (of ``application_name``) running exactly ``sql`` right now."""
+    return {pid for (pid,) in query(
+        conn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
+        " AND query = %s",
+        [application_name, sql],
+    )}
+
+
+def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 10.0) -> set[int]:
+    """Wait until ``count`` pooled backends run ``sql`` (the query is in flight); their pids."""
+    wait_until(lambda: len(running(conn, sql)) >= count, timeout=timeout)
+    return running(conn, sql)
 
 
 def wait_until_gone(conn, *pids: int) -> None:
@@ -158,7 +174,7 @@ class ServerConnectionSampler:
         finally:
             self._conn.close()
 
-    def __enter__(self) -> "ServerConnectionSampler":
+    def __enter__(self) -> ServerConnectionSampler:
         self.start()
         return self
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import http.client
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Callable
 
 import gevent
 

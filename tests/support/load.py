@@ -8,6 +8,7 @@ rotation), note when the service is back, and then check that no request that
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from time import monotonic
 
@@ -73,21 +74,35 @@ class Load:
             self._request()
             gevent.sleep(self.pause)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._running = True
         self._greenlets = [gevent.spawn(self._loop) for _ in range(self.concurrency)]
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the load; fail if a request is still running ``timeout`` seconds later.
+
+        A request that outlives the load is a hang (a checkout or query that never
+        returns): the failure carries the stuck greenlets' stacks, then they are killed.
+        """
         self._running = False
-        gevent.joinall(self._greenlets, timeout=30)
+        gevent.joinall(self._greenlets, timeout=timeout)
+        stuck = [greenlet for greenlet in self._greenlets if not greenlet.dead]
+        if stuck:
+            stacks = "\n".join(
+                "".join(traceback.format_stack(greenlet.gr_frame)) for greenlet in stuck
+                if greenlet.gr_frame is not None
+            )
+            gevent.killall(stuck, timeout=5)
+            raise AssertionError(
+                f"{len(stuck)} of {len(self._greenlets)} load greenlets still in a request "
+                f"{timeout}s after stop():\n{stacks}"
+            )
         for greenlet in self._greenlets:
-            if not greenlet.dead:
-                greenlet.kill()
-            elif greenlet.exception is not None:
+            if greenlet.exception is not None:
                 raise greenlet.exception
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

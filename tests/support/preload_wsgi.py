@@ -5,7 +5,6 @@ must never use it (the pool forgets inherited connections in the child).
 """
 
 from django.db import connection
-
 from project.wsgi import application  # noqa: F401 - what gunicorn serves
 
 with connection.cursor() as cursor:

@@ -3,9 +3,8 @@
 Each proxy writes its configuration into a temporary directory, listens on a free
 loopback port and runs in the foreground as a child of the test process, so a
 test can `stop`, `start` and `restart` it under load. The binaries come from the
-system (Debian: ``apt-get install haproxy pgbouncer``; ``.ci/run`` installs them).
-When one is missing the test is skipped with that hint, except under CI (the
-``CI`` environment variable is set), where a missing binary fails the test.
+system (``scripts/install-system-deps``, run by ``make test``, installs them). A
+missing binary fails the test with the command to run: no test is skipped.
 """
 
 from __future__ import annotations
@@ -29,23 +28,17 @@ __all__ = ["HAProxy", "PgBouncer", "require_binary"]
 
 logger = logging.getLogger(__name__)
 
-_INSTALL_HINTS = {
-    "haproxy": "apt-get install haproxy (Debian/Ubuntu), brew install haproxy (macOS)",
-    "pgbouncer": "apt-get install pgbouncer (Debian/Ubuntu), brew install pgbouncer (macOS)",
-}
-
-
 def require_binary(name: str) -> str:
-    """The path of ``name``; skip the test if it is missing, fail under CI."""
+    """The path of ``name``; fail the test, saying how to install it, if it is missing."""
     found = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)), None
     )
     if found:
         return found
-    message = f"{name} is not installed; install it to run this test: {_INSTALL_HINTS[name]}"
-    if os.environ.get("CI"):
-        pytest.fail(message + " (CI is set: these tests must run there, not be skipped)")
-    pytest.skip(message)
+    pytest.fail(
+        f"{name} is not installed: run scripts/install-system-deps (as root on Debian, it "
+        f"installs it; elsewhere it prints the command), or apt-get install {name}"
+    )
 
 
 class _Proxy:
