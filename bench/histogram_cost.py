@@ -52,7 +52,7 @@ def load_pool_at(revision: str):
 
 
 def per_cycle(pool_class, driver, count: int) -> float:
-    from tests.test_pool_unit import FakeConnection
+    from tests.unit.test_pool_unit import FakeConnection
 
     pool = pool_class("bench", driver, max_size=4, health_check_delay=None)
     opener = lambda reconnect: FakeConnection(0)  # noqa: E731
@@ -124,7 +124,7 @@ def main() -> int:
             measure = lambda cls: per_django_cycle(cls, count)  # noqa: E731
             best = _alternate(measure, before.ConnectionPool, now.ConnectionPool, args.rounds)
     else:
-        from tests.test_pool_unit import FakeDriver
+        from tests.unit.test_pool_unit import FakeDriver
 
         count = args.n or 100_000
         measure = lambda cls: per_cycle(cls, FakeDriver(), count)  # noqa: E731

@@ -139,7 +139,7 @@ def test_pending_requests_counts_queued_checkouts(configure_pool, otel_reader):
 
 
 def test_nothing_is_attached_without_opentelemetry(monkeypatch):
-    from tests.test_pool_unit import FakeDriver
+    from tests.unit.test_pool_unit import FakeDriver
 
     # As if opentelemetry-api were not installed: its import fails.
     monkeypatch.setitem(sys.modules, "opentelemetry", None)

@@ -35,6 +35,7 @@ CHECKED_ELSEWHERE = {
     "connections_leaked": "test_leaks.py (one per LEAK_TIMEOUT report)",
     "returns_bad": "test_dirty_returns.py (a connection returned mid-query)",
     "checks_roundtrip": "test_health_checks.py (counted against pg_stat_database)",
+    "requests_timeouts": "test_metrics_export.py (one forced PoolTimeout)",
 }
 CHECKED_HERE = {
     "pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
