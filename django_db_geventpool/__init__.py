@@ -6,9 +6,11 @@ Importing this package imports no database driver, so it is safe before
 
 from __future__ import annotations
 
-from .errors import AllPeersDown, PoolClosed, PoolError, PoolTimeout
+from .errors import AllPeersDown, ConnectTimeout, PoolClosed, PoolError, PoolTimeout
 
-__all__ = ["AllPeersDown", "PoolClosed", "PoolError", "PoolTimeout", "get_stats", "__version__"]
+__all__ = [
+    "AllPeersDown", "ConnectTimeout", "PoolClosed", "PoolError", "PoolTimeout", "get_stats", "__version__",
+]
 
 __version__ = "5.0.0"
 

@@ -5,7 +5,7 @@ that already catch database errors keep working; the pool core itself names no
 Django module, only this file does.
 """
 
-__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown"]
+__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown", "ConnectTimeout"]
 
 try:
     from django.db.utils import OperationalError as _OperationalError
@@ -35,3 +35,7 @@ class AllPeersDown(PoolError):
     """
 
     attempted: bool = True
+
+
+class ConnectTimeout(PoolError, TimeoutError):
+    """Opening one server connection took longer than its deadline."""
