@@ -360,6 +360,7 @@ class ConnectionPool:
         self._retry_timer: Any = None
         self._last_connect_error: BaseException | None = None
         self._last_connect_error_at = 0.0
+        self._last_failed_attempt_at = -1.0
         # The next connect replaces a broken connection: reconnect hooks run.
         self._reconnect_pending = False
         # True while the server grants fewer connections than max_size (logged once).
@@ -647,6 +648,7 @@ class ConnectionPool:
         try:
             if jitter:
                 gevent.sleep(jitter)
+            started = monotonic()
             conn = self._open(opener, reconnect, target)
         except BaseException as exc:
             self._connecting -= 1
@@ -659,7 +661,12 @@ class ConnectionPool:
             return
         self._connecting -= 1
         self._connectors.discard(getcurrent())
-        self._connect_succeeded()
+        if self._connect_failures and self._last_connect_error_at >= started:
+            # The server accepted this connect but refused one made meanwhile: it
+            # grants fewer connections than max_size (a connection limit).
+            self._note_capped()
+        else:
+            self._connect_succeeded()
         self._give_back_idle(conn)
         self._grow()
 
@@ -679,20 +686,28 @@ class ConnectionPool:
             logger.warning("pool %r: opening a connection failed: %s", self.name, error_text)
             self._hand_over(_Failure(exc))
             return
-        size = self._slots_used - self._connecting + len(self._idle)
-        if size > 0 and not self._capped:
-            self._capped = True
-            self._stats[CONNECTIONS_CAPPED] += 1
-            logger.warning(
-                "pool %r: the server refused a connection with %d of MAX_CONNS=%d open (%s); "
-                "requests queue on those until it accepts more",
-                self.name, size, self.max_size, error_text,
-            )
-        else:
+        if self._slots_used - self._connecting + len(self._idle) > 0:
+            self._note_capped()
+        if not self._capped:
             logger.warning(
                 "pool %r: connect failed (%s); next attempt in %.2fs, requests keep waiting",
                 self.name, error_text, delay,
             )
+
+    def _note_capped(self) -> None:
+        """The server refuses more connections while some are open: say so, once."""
+        if self._capped:
+            return
+        self._capped = True
+        self._stats[CONNECTIONS_CAPPED] += 1
+        error = self._last_connect_error
+        error_text = " ".join(str(error).split()) or type(error).__name__
+        logger.warning(
+            "pool %r: the server refused a connection with %d of MAX_CONNS=%d open (%s); "
+            "requests queue on those until it accepts more",
+            self.name, self._slots_used - self._connecting + len(self._idle), self.max_size,
+            error_text,
+        )
 
     def _connect_succeeded(self) -> None:
         if self._connect_failures:
@@ -734,7 +749,11 @@ class ConnectionPool:
                     stats[CONNECTIONS_NUM] -= 1
                     raise
                 stats[CONNECTIONS_ERRORS] += 1
-                if attempt >= self.connect_retries or self._closed or self._connect_failures:
+                # Quick retries only while no other connect failed meanwhile: past
+                # that, the pool-wide backoff decides when to try again.
+                others_failed = self._connect_failures or self._last_failed_attempt_at >= started
+                self._last_failed_attempt_at = monotonic()
+                if attempt >= self.connect_retries or self._closed or others_failed:
                     raise
                 attempt += 1
                 pause = delay * random.uniform(0.5, 1.0)

@@ -14,7 +14,7 @@ import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
-from tests import proxies
+from tests.support import proxies
 from tests.support.load import Load
 from tests.support.proxies import HAProxy
 
