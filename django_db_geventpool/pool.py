@@ -356,6 +356,7 @@ class ConnectionPool:
         # Pool-wide connect backoff: consecutive failed connects, when the next
         # connect may start, and the timer that starts it.
         self._connect_failures = 0
+        self._backoff_rounds = 0
         self._retry_at = 0.0
         self._retry_timer: Any = None
         self._last_connect_error: BaseException | None = None
@@ -675,10 +676,14 @@ class ConnectionPool:
         self._last_connect_error = exc
         self._last_connect_error_at = now
         self._connect_failures += 1
-        base = max(self.connect_retry_delay, _MIN_BACKOFF)
-        delay = min(base * 2 ** (self._connect_failures - 1), max(base, _MAX_BACKOFF))
-        delay *= random.uniform(0.5, 1.0)
-        self._retry_at = now + delay
+        if self._backoff_rounds == 0 or now >= self._retry_at:
+            # A new round: connects that fail together (a burst started before the
+            # first failure was known) count as one, so the delay doubles per probe.
+            self._backoff_rounds += 1
+            base = max(self.connect_retry_delay, _MIN_BACKOFF)
+            delay = min(base * 2 ** (self._backoff_rounds - 1), max(base, _MAX_BACKOFF))
+            self._retry_at = now + delay * random.uniform(0.5, 1.0)
+        delay = self._retry_at - now
         error_text = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, self._degrading_errors()):
             # Not the server's doing (a failing hook, a bad setting): the oldest
@@ -716,6 +721,7 @@ class ConnectionPool:
                 self.name, self._connect_failures,
             )
         self._connect_failures = 0
+        self._backoff_rounds = 0
         self._capped = False
 
     def _degrading_errors(self) -> tuple[type[BaseException], ...]:
@@ -1139,6 +1145,7 @@ class ConnectionPool:
         self._connecting = 0
         self._connectors = set()
         self._connect_failures = 0
+        self._backoff_rounds = 0
         self._retry_timer = None
         self._capped = False
         self._pid = os.getpid()
