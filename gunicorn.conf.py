@@ -57,6 +57,31 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
 
 
+def post_worker_init(worker):
+    """In each worker, once the app is loaded: create the pools, so MIN_CONNS warm up now.
+
+    With ``OPTIONS["MIN_CONNS"]`` set, a pool opens that many connections in the
+    background as soon as it exists (spread over half a second, never on a
+    request's path). Pools are created lazily by the first request; creating them
+    here, before the worker accepts requests, has every worker warm when its
+    first request arrives. (``post_fork`` would do as well with ``--preload``,
+    where Django is already set up in the master; without it Django is loaded
+    only after ``post_fork``, hence this later hook.) ``GEVENTPOOL_WARM_UP=0``
+    turns it off.
+    """
+    if os.environ.get("GEVENTPOOL_WARM_UP", "1") == "0" or "django" not in sys.modules:
+        return
+    try:
+        from django.db import connections
+
+        from django_db_geventpool.backends.base import pooled_aliases
+
+        for alias in pooled_aliases():
+            connections[alias].geventpool  # noqa: B018 - creating it starts the warm-up
+    except Exception:  # noqa: BLE001 - a warm-up must never keep a worker from serving
+        worker.log.exception("django_db_geventpool: warming up the pools failed")
+
+
 def worker_exit(server, worker):
     """In the worker, as it exits: close every pool, so the server sees clean goodbyes.
 
