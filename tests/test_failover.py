@@ -82,6 +82,8 @@ class WriteLoad:
     def __init__(self, alias: str, greenlets: int = 8) -> None:
         self.alias = alias
         self.outcomes: list[tuple[float, str | None, BaseException | None]] = []
+        # Errors raised by the checkout itself (no connection was handed out).
+        self.checkout_errors: list[tuple[float, BaseException]] = []
         self._running = True
         self._greenlets = [gevent.spawn(self._run) for _ in range(greenlets)]
 
@@ -90,7 +92,11 @@ class WriteLoad:
         started = monotonic()
         port, error = None, None
         try:
-            connection.ensure_connection()
+            try:
+                connection.ensure_connection()
+            except DatabaseError as exc:
+                self.checkout_errors.append((started, exc))
+                raise
             port = str(connection.connection.info.port)
             Item.objects.using(self.alias).create(name="failover", value=1)
         except DatabaseError as exc:
@@ -138,6 +144,9 @@ def _check(load: WriteLoad, promoted: float, primary, standby, what: str) -> Non
         {k: v for k, v in get_stats(HA).items() if k.startswith("peer.") or "connections" in k},
     )
     assert late == [], late[:3]
+    # Requests that started while no server accepted writes waited: only queries
+    # running on the primary when it stopped failed, never a checkout.
+    assert load.checkout_errors == [], load.checkout_errors[:3]
     # No write ever reached a read-only server (it would have failed with 25006).
     assert not any(_sqlstate(e) == "25006" for _, e in failures)
     assert served == {str(primary.port), str(standby.port)}
