@@ -6,12 +6,16 @@
   pool started reach their own deadline, every slot is free.
 * A role with ``CONNECTION LIMIT 4`` under ``MAX_CONNS=10``: requests queue on the
   four connections the server grants, none fails, and the pool never holds more.
+* A frozen server (every process SIGSTOPped) with connections idle in the pool and
+  a round trip at every checkout: every checkout still ends within ``POOL_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import signal
 from time import monotonic
 
 import gevent
@@ -22,6 +26,7 @@ from django.db import OperationalError, connections
 from django_db_geventpool import PoolTimeout, get_stats
 from tests.support.eventually import wait_until
 from tests.support.helpers import ServerConnectionSampler
+from tests.support.pgserver import PostgresCluster
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +168,99 @@ def test_the_pool_serves_with_the_connections_the_server_grants(limited_role, ca
     capped = [r for r in caplog.records if "requests queue on those" in r.getMessage()]
     assert len(capped) == stats["connections_capped"]
     assert stats["connections_errors"] >= 1
+
+
+def _server_pids(cluster: PostgresCluster) -> list[int]:
+    """The postmaster and every process it started (backends, background workers)."""
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def frozen_cluster():
+    server = PostgresCluster()
+    server.start()
+    server.psql("CREATE DATABASE geventpool_test")
+    _add_alias(
+        "frozen", HOST=server.host, PORT=str(server.port),
+        # A round trip at every checkout: the one a frozen server never answers.
+        OPTIONS={"MAX_CONNS": 4, "POOL_TIMEOUT": 1.0, "HEALTH_CHECK_DELAY": 0},
+    )
+    stopped: list[int] = []
+    try:
+        yield server, stopped
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        _drop_alias("frozen")
+        server.destroy()
+
+
+def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
+    server, stopped = frozen_cluster
+    alias = "frozen"
+
+    def hold_all() -> None:
+        held = []
+
+        def hold() -> None:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            held.append(1)
+            wait_until(lambda: len(held) == 4)
+            connections[alias].close()
+
+        gevent.joinall([gevent.spawn(hold) for _ in range(4)], raise_error=True)
+
+    hold_all()
+    assert get_stats(alias)["pool_available"] == 4
+    # SIGSTOP, as a frozen VM or a stuck storage layer looks from the client.
+    pids = _server_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped.extend(pids)
+
+    outcomes: list[tuple[float, BaseException | None]] = []
+
+    def request() -> None:
+        started = monotonic()
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+            error = exc
+        finally:
+            connections[alias].close()
+        outcomes.append((monotonic() - started, error))
+
+    gevent.joinall([gevent.spawn(request) for _ in range(12)], timeout=30)
+    logger.info(
+        "frozen server: %d outcomes, durations %.2f..%.2fs, errors %s", len(outcomes),
+        min(d for d, _ in outcomes), max(d for d, _ in outcomes),
+        sorted({f"{type(e).__name__}: {str(e)[:100]}" for _, e in outcomes}),
+    )
+    assert len(outcomes) == 12
+    for duration, error in outcomes:
+        assert isinstance(error, OperationalError), error
+        assert duration < 1.0 + 0.5, duration
+
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    stopped.clear()
+    # Thawed: the pool serves again (the connects it started ended at their deadline).
+    wait_until(lambda: get_stats(alias)["pool_opening"] == 0, timeout=10)
+    hold_all()
+    assert get_stats(alias)["pool_size"] <= 4
