@@ -401,6 +401,27 @@ def test_failed_connects_back_off_pool_wide_not_per_waiter(server):
     assert pool.get_stats()["pool_size"] == 0
 
 
+def test_waiters_are_served_in_arrival_order_once_failing_connects_recover(server):
+    pool = make_pool(max_size=2, connect_retries=0, connect_retry_delay=0.01, timeout=5.0)
+    server.failures_left = 5
+    served = []
+
+    def request(number):
+        lease = pool.checkout(server.open)
+        served.append(number)
+        gevent.sleep(0.001)
+        pool.checkin(lease)
+
+    waiters = []
+    for number in range(8):
+        waiters.append(gevent.spawn(request, number))
+        gevent.sleep(0)  # queue up in spawn order
+    gevent.joinall(waiters, raise_error=True)
+    assert served == list(range(8))
+    assert server.open_now <= 2
+    assert pool.get_stats()["connections_errors"] == 5
+
+
 def test_a_connect_that_never_ends_is_bounded_and_frees_its_slot():
     hanging = Server(connect_delay=3600)
     pool = make_pool(max_size=2, timeout=0.2, connect_timeout=0.4)
