@@ -65,10 +65,18 @@ keepalive = 5
 
 
 def post_worker_init(worker):
-    """In each worker, once the app (and Django) is loaded: the operations and metrics hooks.
+    """In each worker, once the app (and Django) is loaded: warm-up, operations, metrics.
 
-    Runs after gunicorn installed its own signal handlers (it resets ``SIGUSR2`` to
-    the default in workers and does not use it there).
+    Warm-up: with ``OPTIONS["MIN_CONNS"]`` set, a pool opens that many connections in
+    the background as soon as it exists (spread over half a second, never on a
+    request's path). Pools are created lazily by the first request; creating them
+    here, before the worker accepts requests, has every worker warm when its first
+    request arrives. (``post_fork`` would do as well with ``--preload``, where Django
+    is already set up in the master; without it Django is loaded only after
+    ``post_fork``, hence this later hook.) ``GEVENTPOOL_WARM_UP=0`` turns it off.
+
+    Operations and metrics: runs after gunicorn installed its own signal handlers (it
+    resets ``SIGUSR2`` to the default in workers and does not use it there).
     """
     if os.environ.get("GEVENTPOOL_CONTROL_DIR"):
         from django_db_geventpool import control
@@ -80,6 +88,18 @@ def post_worker_init(worker):
         prometheus.start_multiprocess_export(
             float(os.environ.get("GEVENTPOOL_METRICS_INTERVAL", "5"))
         )
+
+    if os.environ.get("GEVENTPOOL_WARM_UP", "1") == "0" or "django" not in sys.modules:
+        return
+    try:
+        from django.db import connections
+
+        from django_db_geventpool.backends.base import pooled_aliases
+
+        for alias in pooled_aliases():
+            connections[alias].geventpool  # noqa: B018 - creating it starts the warm-up
+    except Exception:  # a warm-up must never keep a worker from serving
+        worker.log.exception("django_db_geventpool: warming up the pools failed")
 
 
 def child_exit(server, worker):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import AllPeersDown, PoolClosed, PoolError, PoolTimeout
+from .errors import AllPeersDown, ConnectTimeout, PoolClosed, PoolError, PoolTimeout
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
 
 __all__ = [
-    "AllPeersDown", "PoolClosed", "PoolError", "PoolTimeout", "drain", "get_stats", "resize",
-    "__version__",
+    "AllPeersDown", "ConnectTimeout", "PoolClosed", "PoolError", "PoolTimeout", "drain",
+    "get_stats", "resize", "__version__",
 ]
 
 __version__ = "5.0.0"

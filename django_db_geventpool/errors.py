@@ -7,7 +7,7 @@ Django module, only this file does.
 
 from typing import TYPE_CHECKING
 
-__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown"]
+__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown", "ConnectTimeout"]
 
 if TYPE_CHECKING:
     from django.db.utils import OperationalError as _OperationalError
@@ -40,3 +40,7 @@ class AllPeersDown(PoolError):
     """
 
     attempted: bool = True
+
+
+class ConnectTimeout(PoolError, TimeoutError):
+    """Opening one server connection took longer than its deadline."""

@@ -18,6 +18,10 @@ Semantics, which the Django glue and the docs rely on:
   checkouts at once) and marks it up on success, or moves on to a healthy peer
   and keeps it down for another ``check_interval``. At most one connect per peer
   and interval is spent on a dead peer, whatever the traffic.
+* **Read-only.** When the pool finds that a connection's server has turned
+  read-only while a writable server is required (see `read_only`), its peer is
+  marked down for ``check_interval`` as if a connect had failed, and new
+  connections go to the other peers.
 * **All down.** When no peer is up or due, `AllPeersDown` is raised at once,
   without a connect and without waiting for a free slot: its message names each
   peer, since when it is down and its last error.
@@ -206,6 +210,15 @@ class PeerSet:
             )
         return f"pool {self.name!r}: every peer is down: " + "; ".join(parts)
 
+    def read_only(self, raw: Any) -> None:
+        """``raw``'s server reported itself read-only: mark its peer down (no-op if unknown)."""
+        entry = self._peer_of.get(id(raw))
+        if entry is None:
+            return
+        peer = entry[1]
+        if peer.up or monotonic() >= peer.retry_at:
+            self._mark_down(peer, _ReadOnlyServer("the server turned read-only"))
+
     # -- bookkeeping ------------------------------------------------------------
 
     def closed(self, raw: Any) -> None:
@@ -228,6 +241,10 @@ class PeerSet:
             stats[prefix + PEER_CONNECTS] = peer.connects
             stats[prefix + PEER_CONNECTS_FAILED] = peer.connects_failed
         return stats
+
+
+class _ReadOnlyServer(Exception):
+    """Why a peer was marked down when its server turned read-only (a message only)."""
 
 
 class PeerCountingOps:

@@ -3,18 +3,28 @@
 Semantics, which the rest of the package relies on:
 
 * **Hard cap.** At most ``max_size`` connections are open at once, counting those
-  being opened. A checkout takes a *slot* before it yields for anything (connect,
-  health check), so a burst of greenlets can never open more than the cap.
-* **Bounded wait.** When every slot is taken, a checkout queues up (first come,
-  first served) for at most ``timeout`` seconds, then raises `PoolTimeout`. A waiter
-  is woken when a connection is returned *and* when one is discarded (it then gets
-  the freed slot and opens a new connection). A waiter that already timed out is
-  never handed a connection.
+  being opened. A *slot* is taken before anything yields (a connect, a health
+  check), so a burst of greenlets can never open more than the cap.
+* **Requests only wait; the pool connects.** A checkout that finds no idle
+  connection queues up (first come, first served) for at most ``timeout`` seconds,
+  then raises `PoolTimeout`. New connections are opened by *connector* greenlets
+  that the pool owns: each holds a slot while it connects, is bounded by its own
+  deadline (``connect_timeout``), and hands its connection to the oldest waiter
+  (or keeps it idle). A connect that outlives the checkout that asked for it thus
+  serves the next waiter, or ends at its deadline and frees its slot. A waiter
+  that already timed out is never handed a connection.
+* **Connect trouble degrades to waiting.** A failed connect does not fail a
+  checkout: it keeps waiting for a returned connection or a later connect. After
+  a failure the pool backs off (pool-wide, with jitter) and probes with one
+  connect at a time until one succeeds, so it serves with what the server grants
+  and grows again when the server allows. A checkout that times out after connect
+  failures says so (its `PoolTimeout` names and chains the last connect error).
 * **Healthy checkouts.** Every checkout runs a local check that costs no round trip
   (driver state; has the server closed the socket or sent anything?). A connection
-  idle longer than ``health_check_delay`` also gets a server round trip. A broken
-  connection is closed, its slot reused at once, and a replacement is found or
-  opened without the caller seeing an error.
+  idle longer than ``health_check_delay`` also gets a server round trip, bounded by
+  the checkout's deadline. A broken connection is closed and replaced without the
+  caller seeing an error. With ``writable_required``, a connection whose server
+  reports itself read-only is closed too (and ``read_only_listeners`` are told).
 * **Clean returns.** A returned connection is rolled back if it is in a transaction,
   put back in autocommit mode and, optionally, reset with ``reset_query``; one in an
   active or unknown state is closed.
@@ -22,10 +32,13 @@ Semantics, which the rest of the package relies on:
   is returned when the greenlet ends (gevent ``Greenlet``) or when its owner object
   is garbage collected. After ``fork()`` the child forgets every connection of its
   parent without touching the parent's sockets.
+* **Warm and alive.** ``min_size`` connections are opened in the background (with
+  jitter) and kept through ``max_idle``; ``keepalive_interval`` gives idle
+  connections a round trip at that interval.
 
 The pool knows nothing of Django or of a database driver: the driver-specific
-operations come from a `DriverOps` object and connections are opened by a callable
-given to `ConnectionPool.checkout`.
+operations come from a `DriverOps` object and connections are opened by the
+``opener`` callable given to the pool (or to `ConnectionPool.checkout`).
 """
 
 from __future__ import annotations
@@ -39,8 +52,8 @@ import sys
 import traceback
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable
 from time import monotonic
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
@@ -48,7 +61,7 @@ from gevent import getcurrent
 from gevent.hub import Waiter as HubWaiter
 from gevent.monkey import get_original
 
-from .errors import AllPeersDown, PoolClosed, PoolError, PoolTimeout
+from .errors import AllPeersDown, ConnectTimeout, PoolClosed, PoolError, PoolTimeout
 from .histogram import PoolTimings
 
 __all__ = [
@@ -71,6 +84,8 @@ _native_thread_id = get_original("_thread", "get_ident")
 
 # Stats keys: names as in psycopg_pool, so dashboards carry over.
 POOL_MAX = "pool_max"
+POOL_MIN = "pool_min"
+POOL_OPENING = "pool_opening"
 POOL_SIZE = "pool_size"
 POOL_AVAILABLE = "pool_available"
 REQUESTS_WAITING = "requests_waiting"
@@ -88,6 +103,12 @@ CONNECTIONS_RECLAIMED = "connections_reclaimed"
 CONNECTIONS_LEAKED = "connections_leaked"
 RETURNS_BAD = "returns_bad"
 CHECKS_ROUNDTRIP = "checks_roundtrip"
+CHECKS_KEEPALIVE = "checks_keepalive"
+# Times the server refused a connection while the pool had some open: it serves
+# with fewer than MAX_CONNS until the server accepts more (one per episode).
+CONNECTIONS_CAPPED = "connections_capped"
+# Connections closed because their server reported itself read-only.
+CONNECTIONS_READ_ONLY = "connections_read_only"
 
 COUNTER_KEYS = (
     REQUESTS_NUM,
@@ -104,8 +125,13 @@ COUNTER_KEYS = (
     CONNECTIONS_LEAKED,
     RETURNS_BAD,
     CHECKS_ROUNDTRIP,
+    CHECKS_KEEPALIVE,
+    CONNECTIONS_CAPPED,
+    CONNECTIONS_READ_ONLY,
 )
-STATS_KEYS = (POOL_MAX, POOL_SIZE, POOL_AVAILABLE, REQUESTS_WAITING, *COUNTER_KEYS)
+STATS_KEYS = (
+    POOL_MAX, POOL_MIN, POOL_SIZE, POOL_AVAILABLE, POOL_OPENING, REQUESTS_WAITING, *COUNTER_KEYS
+)
 
 
 class TransactionStatus:
@@ -135,6 +161,9 @@ class DriverOps(Protocol):
     def execute(self, raw: Any, sql: str) -> None: ...
     def close(self, raw: Any) -> None: ...
     def cancel(self, raw: Any) -> None: ...
+    def read_only(self, raw: Any) -> bool:
+        """True if the server reported itself read-only on ``raw`` (no round trip)."""
+        ...
 
 
 class PooledConnection:
@@ -200,20 +229,37 @@ class Lease:
 
 
 class _Waiter:
-    """A checkout queued for a slot; served by `ConnectionPool._hand_over`.
+    """A checkout queued for a connection; served by `ConnectionPool._hand_over`.
 
     ``wakeup`` is gevent's low-level hub ``Waiter`` rather than an ``Event``: a
     queued checkout is woken exactly once, from the hub, so it needs no list of
     links, and a waiting checkout costs about a third less CPU (measured with bench/).
+    ``opener`` and ``target`` are the checkout's own (used by a connector started
+    while it is the oldest waiter), or None for the pool's.
     """
 
-    __slots__ = ("wakeup", "served", "cancelled", "conn")
+    __slots__ = ("wakeup", "served", "cancelled", "conn", "opener", "target")
 
-    def __init__(self) -> None:
+    def __init__(self, opener: Callable[[bool], Any] | None, target: Any) -> None:
         self.wakeup = HubWaiter()
         self.served = False
         self.cancelled = False
-        self.conn: PooledConnection | object | None = None
+        self.conn: PooledConnection | _Failure | object | None = None
+        self.opener = opener
+        self.target = target
+
+
+class _Failure:
+    """Handed to the oldest waiter when a connect failed for a reason not the server's."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _RoundTripTimeout(BaseException):
+    """A health check or keepalive round trip that got no answer in time (internal)."""
 
 
 # Frames of the checkout stack kept for a leak report (innermost first): the
@@ -225,6 +271,16 @@ _POOL_CLOSED = object()
 
 # Health verdicts at checkout.
 _HEALTHY, _EXPIRED, _LOST = 0, 1, 2
+
+# Pool-wide connect backoff after failures: from CONNECT_RETRY_DELAY (at least
+# _MIN_BACKOFF, so a zero delay cannot hammer a down server), doubled per failure
+# up to _MAX_BACKOFF, with jitter.
+_MIN_BACKOFF = 0.05
+_MAX_BACKOFF = 2.0
+# Warm-up connects (MIN_CONNS) start within this many seconds, spread at random.
+_WARM_UP_JITTER = 0.5
+# How often the maintenance greenlet tops the pool up to MIN_CONNS.
+_MIN_CONNS_CHECK = 1.0
 
 
 class ConnectionPool:
@@ -250,6 +306,12 @@ class ConnectionPool:
         connect_retries: int = 1,
         connect_retry_delay: float = 0.1,
         reset_query: str | None = None,
+        opener: Callable[[bool], Any] | None = None,
+        target_of: Callable[[], Any] | None = None,
+        connect_timeout: float | None = None,
+        min_size: int = 0,
+        keepalive_interval: float | None = None,
+        writable_required: bool = False,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
@@ -265,13 +327,25 @@ class ConnectionPool:
         self.connect_retries = connect_retries
         self.connect_retry_delay = connect_retry_delay
         self.reset_query = reset_query
+        #: Opens a driver connection (``opener(reconnect)``) in a connector greenlet.
+        self.opener = opener
+        #: What a connection opened by ``opener`` now is connected to (see `checkout`).
+        self.target_of: Callable[[], Any] = target_of or _no_target
+        #: Bound on one connect (the opener's whole call): never a slot held forever.
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self.min_size = min(min_size, max_size)
+        self.keepalive_interval = keepalive_interval
+        self.writable_required = writable_required
+        #: Called with the driver connection when its server reports read-only.
+        self.read_only_listeners: list[Callable[[Any], None]] = []
 
-        # Slots taken by connections in use or being opened. Idle connections
-        # hold no slot; slots + idle never exceeds max_size.
+        # Slots taken by connections in use, handed over, or being opened by a
+        # connector. Idle connections hold no slot; slots + idle never exceeds max_size.
         self._slots_used = 0
         # Idle connections, most recently used last (LIFO reuse keeps few hot).
         self._idle: deque[PooledConnection] = deque()
         # Queued checkouts, oldest first; cancelled ones are skipped lazily.
+        # Waiters are only ever served a connection (or _POOL_CLOSED / a _Failure).
         self._waiters: deque[_Waiter] = deque()
         self._waiting = 0
         self._in_use: set[Lease] = set()
@@ -280,39 +354,60 @@ class ConnectionPool:
         self._pid = os.getpid()
         self._thread_id = _native_thread_id()
         self._sweeper: gevent.Greenlet | None = None
+        # Connector greenlets running (each holds one of _slots_used).
+        self._connecting = 0
+        self._connectors: set[gevent.Greenlet] = set()
+        # Pool-wide connect backoff: consecutive failed connects, when the next
+        # connect may start, and the timer that starts it.
+        self._connect_failures = 0
+        self._backoff_rounds = 0
+        self._retry_at = 0.0
+        self._retry_timer: Any = None
+        self._last_connect_error: BaseException | None = None
+        self._last_connect_error_at = 0.0
+        self._last_failed_attempt_at = -1.0
+        # The next connect replaces a broken connection: reconnect hooks run.
+        self._reconnect_pending = False
+        # True while the server grants fewer connections than max_size (logged once).
+        self._capped = False
         # Extra live measures merged into get_stats() (per-peer state, see peers.py).
         self._stats_sources: list[Callable[[], dict[str, int]]] = []
         # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
         self.timings = PoolTimings()
         self._stats_sources.append(self.timings.stats)
-        # Slots to drop instead of reuse as connections come back, after resize() shrank the cap.
-        self._excess = 0
         _live_pools.add(self)
         logger.info(
-            "pool %r created: max_size=%d reuse_size=%d timeout=%.1fs",
-            name, max_size, self.reuse_size, timeout,
+            "pool %r created: max_size=%d reuse_size=%d min_size=%d timeout=%.1fs",
+            name, max_size, self.reuse_size, self.min_size, timeout,
         )
+        if self.min_size or keepalive_interval is not None:
+            self._ensure_sweeper()
+        if self.min_size and opener is not None:
+            # Warm up in the background, from the hub: never on a request's path.
+            gevent.get_hub().loop.run_callback(self._grow)
 
     # -- checkout -----------------------------------------------------------
 
     def checkout(
         self,
-        open_connection: Callable[[bool], Any],
+        open_connection: Callable[[bool], Any] | None = None,
         timeout: float | None = None,
         owner: object | None = None,
         target: Any = None,
     ) -> Lease:
         """Return a `Lease` on a healthy connection, or raise within ``timeout``.
 
-        ``open_connection(reconnect)`` opens a new driver connection; ``reconnect``
-        is true when it replaces a broken one or retries a failed connect.
-        ``owner``, if given, is an object whose garbage collection gives the
-        connection back (used when the holder is not a gevent ``Greenlet``).
-        ``target`` tells what the connection must be connected to (server,
-        database, user): an idle connection opened for another target is closed.
-        Raises `PoolTimeout` after ``timeout`` seconds (default: the pool's),
-        `PoolClosed` if the pool is closed, or the driver's connect error after
-        the retries.
+        New connections are opened by connector greenlets with
+        ``open_connection(reconnect)`` if given, else with the pool's ``opener``;
+        ``reconnect`` is true when a connect replaces a broken connection or
+        follows a failed connect. ``owner``, if given, is an object whose garbage
+        collection gives the connection back (used when the holder is not a gevent
+        ``Greenlet``). ``target`` tells what the connection must be connected to
+        (server, database, user): a connection opened for another target is closed.
+        Raises `PoolTimeout` after ``timeout`` seconds (default: the pool's), with
+        the last connect error chained if connects were failing; `PoolClosed` if
+        the pool is closed; or an error the opener raised that is not a connect
+        error (a failing reconnect hook, say).
         """
         if self._thread_id != _native_thread_id():
             raise PoolError(
@@ -321,36 +416,68 @@ class ConnectionPool:
                 "threads are greenlets, or serve this thread with Django's own backend."
             )
         started = monotonic()
-        stats = self._stats
-        stats[REQUESTS_NUM] += 1
-        # Critical section: take a free slot now, unless earlier checkouts are
-        # queued (first come, first served); no yield between the test and the take.
+        self._stats[REQUESTS_NUM] += 1
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        if self._slots_used < self.max_size and not self._waiting:
+        # Critical section: take an idle connection (and a slot for it) now, unless
+        # earlier checkouts are queued (first come, first served).
+        if self._idle and not self._waiting:
             self._slots_used += 1
-            conn = self._idle.pop() if self._idle else None
+            conn: PooledConnection | None = self._idle.pop()
         else:
-            conn = self._wait_for_slot(self.timeout if timeout is None else timeout, started)
-        # This checkout owns a slot from here on: any failure must free it.
-        try:
-            conn = self._make_ready(conn, open_connection, target)
-        except BaseException:
-            stats[REQUESTS_ERRORS] += 1
-            self._release_slot()
-            raise
-        lease = self._lend(conn, owner)
-        self.timings.wait_time.record(lease.checked_out_at - started)
-        return lease
+            conn = None
+        deadline = started + (self.timeout if timeout is None else timeout)
+        first_in_line = False
+        while True:
+            if conn is None:
+                conn = self._wait(deadline, started, open_connection, target, first_in_line)
+            # This checkout owns a slot and conn from here on: any failure frees both.
+            try:
+                verdict = self._check(conn, deadline) if conn.target == target else _EXPIRED
+            except BaseException:
+                # Killed during the round trip: the connection's state is unknown.
+                self._stats[REQUESTS_ERRORS] += 1
+                self._close_and_release(conn)
+                raise
+            if verdict == _HEALTHY:
+                lease = self._lend(conn, owner)
+                self.timings.wait_time.record(lease.checked_out_at - started)
+                return lease
+            if verdict == _LOST:
+                self._reconnect_pending = True
+            self._close_quietly(conn)
+            # Critical section: another idle connection may serve instead; else the
+            # slot goes to a connector and this checkout waits first in line.
+            if self._idle:
+                conn = self._idle.pop()
+                continue
+            conn = None
+            self._slots_used -= 1
+            first_in_line = True
 
-    def _wait_for_slot(self, timeout: float, started: float) -> PooledConnection | None:
-        waiter = _Waiter()
-        self._waiters.append(waiter)
+    def _wait(
+        self,
+        deadline: float,
+        started: float,
+        opener: Callable[[bool], Any] | None,
+        target: Any,
+        first_in_line: bool,
+    ) -> PooledConnection:
+        """Queue up until a connection is handed over; `PoolTimeout` at ``deadline``."""
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        waiter = _Waiter(opener, target)
+        if first_in_line:
+            # It was served before, and lost what it got (broken, expired).
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         self._waiting += 1
         self._stats[REQUESTS_QUEUED] += 1
+        self._grow()
         # Woken by _hand_over or by this timer, whichever comes first; `served`
         # (set in _hand_over's critical section) is what decides, not the wake-up.
-        timer = waiter.wakeup.hub.loop.timer(timeout)
+        timer = waiter.wakeup.hub.loop.timer(max(deadline - monotonic(), 0.0))
         timer.start(waiter.wakeup.switch, None)
         try:
             waiter.wakeup.get()
@@ -368,59 +495,54 @@ class ConnectionPool:
             self._waiting -= 1
             self._stats[REQUESTS_ERRORS] += 1
             self._stats[REQUESTS_TIMEOUTS] += 1
-            logger.warning(
-                "pool %r: checkout timed out after %.1fs (MAX_CONNS=%d, %d in use, %d waiting)",
-                self.name, waited_ms / 1000, self.max_size, self._slots_used, self._waiting,
-            )
-            raise PoolTimeout(
-                f"pool {self.name!r}: no connection available after {waited_ms / 1000:.2f}s "
-                f"(MAX_CONNS={self.max_size}, {self._slots_used} in use, "
-                f"{self._waiting} other checkouts waiting); raise MAX_CONNS or POOL_TIMEOUT, "
-                "or give connections back sooner"
-            )
-        if waiter.conn is _POOL_CLOSED:
+            raise self._timeout_error(waited_ms, started)
+        conn = waiter.conn
+        if conn is _POOL_CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-        return waiter.conn  # type: ignore[return-value]
+        if isinstance(conn, _Failure):
+            self._stats[REQUESTS_ERRORS] += 1
+            raise conn.error
+        return conn  # type: ignore[return-value]
+
+    def _timeout_error(self, waited_ms: int, started: float) -> PoolTimeout:
+        message = (
+            f"pool {self.name!r}: no connection available after {waited_ms / 1000:.2f}s "
+            f"(MAX_CONNS={self.max_size}, {self._slots_used - self._connecting} in use, "
+            f"{self._connecting} being opened, {self._waiting} other checkouts waiting)"
+        )
+        cause = self._last_connect_error
+        if cause is not None and (self._connect_failures or self._last_connect_error_at >= started):
+            # Connects were failing: that, not the load, is what operators must see.
+            error_text = " ".join(str(cause).split()) or type(cause).__name__
+            message += (
+                f"; connects to the server are failing, last error "
+                f"{monotonic() - self._last_connect_error_at:.1f}s ago: {error_text}"
+            )
+        else:
+            cause = None
+            message += "; raise MAX_CONNS or POOL_TIMEOUT, or give connections back sooner"
+        logger.warning("%s", message)
+        error = PoolTimeout(message)
+        error.__cause__ = cause
+        return error
 
     def _abandon(self, waiter: _Waiter) -> None:
         if waiter.served:
             conn = waiter.conn
-            if conn is _POOL_CLOSED:
+            if conn is _POOL_CLOSED or isinstance(conn, _Failure):
                 return
-            # We own the slot (and maybe a connection): pass it on untouched.
-            if conn is None:
-                self._release_slot()
-            else:
-                self._give_back_idle(conn)  # type: ignore[arg-type]
+            # We own a slot and a connection: pass them on untouched.
+            self._give_back_idle(conn)  # type: ignore[arg-type]
         else:
             waiter.cancelled = True
             self._waiting -= 1
 
-    def _make_ready(
-        self, conn: PooledConnection | None, open_connection: Callable[[bool], Any], target: Any
-    ) -> PooledConnection:
-        """Turn an idle connection (or none) into a healthy one; the slot is ours."""
-        reconnect = False
-        while conn is not None:
-            try:
-                verdict = self._check(conn) if conn.target == target else _EXPIRED
-            except BaseException:
-                # Killed during the round trip: the connection's state is unknown.
-                self._close_quietly(conn)
-                raise
-            if verdict == _HEALTHY:
-                return conn
-            if verdict == _LOST:
-                reconnect = True
-            self._close_quietly(conn)
-            # Critical section: another idle connection may serve instead.
-            conn = self._idle.pop() if self._idle else None
-        return self._open(open_connection, reconnect, target)
-
-    def _check(self, conn: PooledConnection) -> int:
+    def _check(self, conn: PooledConnection, deadline: float | None = None) -> int:
         now = monotonic()
         if (conn.expires_at is not None and now >= conn.expires_at) or (
-            self.max_idle is not None and now - conn.last_used >= self.max_idle
+            self.max_idle is not None
+            and now - conn.last_used >= self.max_idle
+            and self._total_size() > self.min_size
         ):
             self._stats[CONNECTIONS_EXPIRED] += 1
             logger.debug("pool %r: closing expired connection %r", self.name, conn.raw)
@@ -431,10 +553,20 @@ class ConnectionPool:
         delay = self.health_check_delay
         if conn.socket_has_input() or (delay is not None and now - conn.last_used >= delay):
             self._stats[CHECKS_ROUNDTRIP] += 1
+            # Bounded: a frozen server must not hold the checkout past its deadline.
+            limit = self.timeout if deadline is None else max(deadline - now, 0.001)
+            expired = _RoundTripTimeout()
             try:
-                self.driver.ping(raw)
+                with gevent.Timeout(limit, expired):
+                    self.driver.ping(raw)
+            except _RoundTripTimeout as exc:
+                if exc is not expired:
+                    raise
+                return self._lost(conn, f"no answer to the health check in {limit:.2f}s")
             except Exception as exc:
                 return self._lost(conn, f"round trip failed: {exc}".strip())
+        if self.writable_required and self.driver.read_only(raw):
+            return self._read_only(conn)
         return _HEALTHY
 
     def _lost(self, conn: PooledConnection, why: str) -> int:
@@ -442,20 +574,202 @@ class ConnectionPool:
         logger.warning("pool %r: discarding broken connection (%s)", self.name, why)
         return _LOST
 
+    def _read_only(self, conn: PooledConnection) -> int:
+        """A connection whose server now refuses writes: closed, and listeners told."""
+        self._stats[CONNECTIONS_READ_ONLY] += 1
+        logger.warning(
+            "pool %r: discarding a connection whose server reports itself read-only "
+            "(a writable server is required)", self.name,
+        )
+        for listener in self.read_only_listeners:
+            try:
+                listener(conn.raw)
+            except Exception:
+                logger.exception("pool %r: read-only listener failed", self.name)
+        return _LOST
+
+    # -- connecting -----------------------------------------------------------
+
+    def _total_size(self) -> int:
+        return self._slots_used + len(self._idle)
+
+    def _grow(self) -> None:
+        """Start connectors for the waiters no connector covers yet, and up to min_size.
+
+        Never yields. While connects fail, at most one connector runs (a probe),
+        and only once the pool-wide backoff has passed.
+        """
+        if self._closed or self._pid != os.getpid():
+            return
+        # Critical section: decide how many connectors to start, and take their slots.
+        wanted = max(self._waiting - self._connecting, self.min_size - self._total_size())
+        wanted = min(wanted, self.max_size - self._total_size())
+        if wanted <= 0:
+            return
+        if self._connect_failures:
+            now = monotonic()
+            if now < self._retry_at:
+                self._schedule_retry(self._retry_at - now)
+                return
+            wanted = min(wanted, 1 - self._connecting)
+            if wanted <= 0:
+                return
+        opener, target = self._opener_for_next()
+        if opener is None:
+            return
+        for _ in range(wanted):
+            reconnect = self._reconnect_pending or self._connect_failures > 0
+            self._reconnect_pending = False
+            self._slots_used += 1
+            self._connecting += 1
+            # Warm-up connects (nobody waiting) are spread out in time.
+            jitter = 0.0 if self._waiting else random.uniform(0.0, _WARM_UP_JITTER)
+            connector = gevent.spawn(self._connector, opener, reconnect, target, jitter)
+            self._connectors.add(connector)
+
+    def _opener_for_next(self) -> tuple[Callable[[bool], Any] | None, Any]:
+        # The oldest waiter's own opener if it brought one, else the pool's.
+        for waiter in self._waiters:
+            if not waiter.cancelled and waiter.opener is not None:
+                return waiter.opener, waiter.target
+            if not waiter.cancelled:
+                break
+        if self.opener is None:
+            return None, None
+        return self.opener, self.target_of()
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry_timer is not None:
+            return
+        timer = gevent.get_hub().loop.timer(delay)
+        self._retry_timer = timer
+
+        def fire() -> None:
+            timer.close()
+            if self._retry_timer is timer:
+                self._retry_timer = None
+            self._grow()
+
+        timer.start(fire)
+
+    def _connector(
+        self, opener: Callable[[bool], Any], reconnect: bool, target: Any, jitter: float
+    ) -> None:
+        """Open one connection on a slot taken by `_grow`; hand it to the oldest waiter."""
+        try:
+            if jitter:
+                gevent.sleep(jitter)
+            started = monotonic()
+            conn = self._open(opener, reconnect, target)
+        except BaseException as exc:
+            self._connecting -= 1
+            self._slots_used -= 1
+            self._connectors.discard(getcurrent())
+            if isinstance(exc, gevent.GreenletExit) or self._closed:
+                return
+            self._connect_failed(exc)
+            self._grow()
+            return
+        self._connecting -= 1
+        self._connectors.discard(getcurrent())
+        if self._connect_failures and self._last_connect_error_at >= started:
+            # The server accepted this connect but refused one made meanwhile: it
+            # grants fewer connections than max_size (a connection limit).
+            self._note_capped()
+        else:
+            self._connect_succeeded()
+        self._give_back_idle(conn)
+        self._grow()
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        now = monotonic()
+        self._last_connect_error = exc
+        self._last_connect_error_at = now
+        self._connect_failures += 1
+        if self._backoff_rounds == 0 or now >= self._retry_at:
+            # A new round: connects that fail together (a burst started before the
+            # first failure was known) count as one, so the delay doubles per probe.
+            self._backoff_rounds += 1
+            base = max(self.connect_retry_delay, _MIN_BACKOFF)
+            delay = min(base * 2 ** (self._backoff_rounds - 1), max(base, _MAX_BACKOFF))
+            self._retry_at = now + delay * random.uniform(0.5, 1.0)
+        delay = self._retry_at - now
+        error_text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, self._degrading_errors()):
+            # Not the server's doing (a failing hook, a bad setting): the oldest
+            # waiter gets it rather than a PoolTimeout much later.
+            logger.warning("pool %r: opening a connection failed: %s", self.name, error_text)
+            self._hand_over(_Failure(exc))
+            return
+        if self._slots_used - self._connecting + len(self._idle) > 0:
+            self._note_capped()
+        if not self._capped:
+            logger.warning(
+                "pool %r: connect failed (%s); next attempt in %.2fs, requests keep waiting",
+                self.name, error_text, delay,
+            )
+
+    def _note_capped(self) -> None:
+        """The server refuses more connections while some are open: say so, once."""
+        if self._capped:
+            return
+        self._capped = True
+        self._stats[CONNECTIONS_CAPPED] += 1
+        error = self._last_connect_error
+        error_text = " ".join(str(error).split()) or type(error).__name__
+        logger.warning(
+            "pool %r: the server refused a connection with %d of MAX_CONNS=%d open (%s); "
+            "requests queue on those until it accepts more",
+            self.name, self._slots_used - self._connecting + len(self._idle), self.max_size,
+            error_text,
+        )
+
+    def _connect_succeeded(self) -> None:
+        if self._connect_failures:
+            logger.info(
+                "pool %r: connected again after %d failed attempts",
+                self.name, self._connect_failures,
+            )
+        self._connect_failures = 0
+        self._backoff_rounds = 0
+        self._capped = False
+
+    def _degrading_errors(self) -> tuple[type[BaseException], ...]:
+        return (*self.driver.connect_errors, ConnectTimeout, AllPeersDown)
+
     def _open(
         self, open_connection: Callable[[bool], Any], reconnect: bool, target: Any
     ) -> PooledConnection:
+        """Open one connection, retrying quickly up to ``connect_retries`` times.
+
+        Runs in a connector greenlet; each attempt is bounded by ``connect_timeout``.
+        Quick retries stop as soon as another connector has failed: the pool-wide
+        backoff then decides when to try again.
+        """
         stats = self._stats
         delay = self.connect_retry_delay
         attempt = 0
         while True:
             stats[CONNECTIONS_NUM] += 1
             started = monotonic()
+            expired = ConnectTimeout(
+                f"pool {self.name!r}: opening a connection took more than "
+                f"{self.connect_timeout:.1f}s"
+            )
             try:
-                raw = open_connection(reconnect or attempt > 0)
-            except self.driver.connect_errors as exc:
+                with gevent.Timeout(self.connect_timeout, expired):
+                    raw = open_connection(reconnect or attempt > 0)
+            except self._degrading_errors() as exc:
+                if isinstance(exc, AllPeersDown) and not exc.attempted:
+                    # Refused before any server was tried (every peer down): no attempt.
+                    stats[CONNECTIONS_NUM] -= 1
+                    raise
                 stats[CONNECTIONS_ERRORS] += 1
-                if attempt >= self.connect_retries or self._closed:
+                # Quick retries only while no other connect failed meanwhile: past
+                # that, the pool-wide backoff decides when to try again.
+                others_failed = self._connect_failures or self._last_failed_attempt_at >= started
+                self._last_failed_attempt_at = monotonic()
+                if attempt >= self.connect_retries or self._closed or others_failed:
                     raise
                 attempt += 1
                 pause = delay * random.uniform(0.5, 1.0)
@@ -466,12 +780,8 @@ class ConnectionPool:
                 gevent.sleep(pause)
                 delay *= 2
                 continue
-            except BaseException as exc:
-                if isinstance(exc, AllPeersDown) and not exc.attempted:
-                    # Refused before any server was tried (every peer down): no attempt.
-                    stats[CONNECTIONS_NUM] -= 1
-                else:
-                    stats[CONNECTIONS_ERRORS] += 1
+            except BaseException:
+                stats[CONNECTIONS_ERRORS] += 1
                 raise
             now = monotonic()
             stats[CONNECTIONS_MS] += int((now - started) * 1000)
@@ -582,6 +892,11 @@ class ConnectionPool:
         except Exception as exc:
             logger.warning("pool %r: reset failed, closing the connection: %s", self.name, exc)
             return False
+        if self.writable_required and driver.read_only(raw):
+            # The server turned read-only while it was in use (the report came with
+            # a statement's answer, maybe a refused write): never hand it out again.
+            self._read_only(conn)
+            return False
         return True
 
     def _give_back_idle(self, conn: PooledConnection) -> None:
@@ -589,8 +904,8 @@ class ConnectionPool:
         conn.last_used = now
         # Critical section: hand the connection to the oldest waiter, else keep
         # it idle (up to reuse_size, and only if it has not outlived its lifetime).
-        if self._excess:
-            # resize() shrank the cap: this slot goes away with its connection.
+        # After resize() shrank the cap, connections beyond it are closed instead.
+        if self._total_size() > self.max_size:
             self._close_and_release(conn)
             return
         if not self._closed and (conn.expires_at is None or now < conn.expires_at):
@@ -610,17 +925,13 @@ class ConnectionPool:
         self._release_slot()
 
     def _release_slot(self) -> None:
-        """Free one slot (its connection already closed): a waiter gets it first."""
-        if self._excess:
-            # resize() shrank the cap: this slot goes away.
-            self._excess -= 1
-        elif self._hand_over(None):
-            return
+        """Free one slot (its connection already closed); waiters get a connector."""
         if self._slots_used <= 0:
             raise AssertionError(f"pool {self.name!r}: slot released more often than taken")
         self._slots_used -= 1
+        self._grow()
 
-    def _hand_over(self, conn: PooledConnection | object | None) -> bool:
+    def _hand_over(self, conn: PooledConnection | _Failure | object) -> bool:
         # Critical section: serve the oldest waiter that has not given up.
         waiters = self._waiters
         while waiters:
@@ -662,33 +973,92 @@ class ConnectionPool:
     # -- maintenance ----------------------------------------------------------
 
     def _ensure_sweeper(self) -> None:
-        if self._sweeper is None and (self.max_idle is not None or self.max_lifetime is not None):
+        if self._sweeper is None and self._maintenance_interval() is not None:
             self._sweeper = gevent.spawn(self._sweep_forever)
 
+    def _maintenance_interval(self) -> float | None:
+        limits = [x / 2 for x in (self.max_idle, self.max_lifetime) if x is not None]
+        if self.keepalive_interval is not None:
+            limits.append(self.keepalive_interval / 2)
+        if self.min_size:
+            limits.append(_MIN_CONNS_CHECK)
+        if not limits:
+            return None
+        return min(max(min(limits), 0.25), 60.0)
+
     def _sweep_forever(self) -> None:
-        """Close idle connections past MAX_IDLE or MAX_LIFETIME while traffic is low."""
-        limits = [x for x in (self.max_idle, self.max_lifetime) if x is not None]
-        interval = min(max(min(limits) / 2, 0.5), 60.0)
+        """Expire idle connections, keep them alive, keep min_size open, while traffic is low."""
+        interval = self._maintenance_interval() or 60.0
         pid = self._pid
         while not self._closed and os.getpid() == pid:
             gevent.sleep(interval)
             self.sweep()
+            if self.keepalive_interval is not None or self.min_size:
+                self.keep_alive()
+            self._grow()
 
     def sweep(self) -> int:
-        """Close expired idle connections now; return how many were closed."""
+        """Close expired idle connections now (keeping min_size); return how many."""
         now = monotonic()
-        # Critical section: pick the expired ones out of the idle set.
-        expired = [
-            c for c in self._idle
-            if (c.expires_at is not None and now >= c.expires_at)
-            or (self.max_idle is not None and now - c.last_used >= self.max_idle)
-        ]
+        # Critical section: pick the expired ones out of the idle set. Idle ones
+        # past MAX_IDLE are kept while the pool has no more than min_size.
+        spare = self._total_size() - self.min_size
+        expired = []
+        for c in self._idle:
+            if c.expires_at is not None and now >= c.expires_at:
+                expired.append(c)
+                spare -= 1
+            elif self.max_idle is not None and now - c.last_used >= self.max_idle and spare > 0:
+                expired.append(c)
+                spare -= 1
         for conn in expired:
             self._idle.remove(conn)
         for conn in expired:
             self._stats[CONNECTIONS_EXPIRED] += 1
             self._close_quietly(conn)
+        if expired:
+            self._grow()
         return len(expired)
+
+    def keep_alive(self) -> int:
+        """Give a round trip to idle connections due for one; return how many were lost.
+
+        Due: idle for ``keepalive_interval``, or the server sent something (going
+        away). Each one is taken out of the idle set with a slot while it is
+        checked, as a checkout would, so the cap holds.
+        """
+        now = monotonic()
+        interval = self.keepalive_interval
+        due = [
+            c for c in self._idle
+            if (interval is not None and now - c.last_used >= interval) or c.socket_has_input()
+        ]
+        lost = 0
+        for conn in due:
+            # Critical section: a checkout may have taken it meanwhile.
+            if conn not in self._idle:
+                continue
+            self._idle.remove(conn)
+            self._slots_used += 1
+            alive = False
+            try:
+                self._stats[CHECKS_KEEPALIVE] += 1
+                expired = _RoundTripTimeout()
+                with gevent.Timeout(self.timeout, expired):
+                    self.driver.ping(conn.raw)
+                alive = True
+            except Exception as exc:
+                self._lost(conn, f"keepalive round trip failed: {exc}".strip())
+            except _RoundTripTimeout:
+                self._lost(conn, "no answer to the keepalive round trip")
+            finally:
+                if alive:
+                    self._give_back_idle(conn)
+                else:
+                    lost += 1
+                    self._reconnect_pending = True
+                    self._close_and_release(conn)
+        return lost
 
     def _cancel_quietly(self, conn: PooledConnection) -> None:
         # A query interrupted on the client (timeout, killed greenlet) still runs
@@ -708,8 +1078,8 @@ class ConnectionPool:
     def close(self) -> None:
         """Close idle connections and refuse new checkouts.
 
-        Connections in use are closed when they are given back. Waiters get
-        `PoolClosed`.
+        Connections in use are closed when they are given back; connects in
+        progress are stopped. Waiters get `PoolClosed`.
         """
         if self._closed:
             return
@@ -720,7 +1090,14 @@ class ConnectionPool:
             pass
         for conn in idle:
             self._close_quietly(conn)
-        if self._sweeper is not None and self._sweeper is not getcurrent():
+        if self._retry_timer is not None:
+            self._retry_timer.close()
+            self._retry_timer = None
+        current = getcurrent()
+        connectors = [g for g in self._connectors if g is not current]
+        if connectors:
+            gevent.killall(connectors, block=False)
+        if self._sweeper is not None and self._sweeper is not current:
             self._sweeper.kill(block=False)
         logger.info("pool %r closed (%d idle connections closed)", self.name, len(idle))
 
@@ -733,9 +1110,9 @@ class ConnectionPool:
     def drain(self) -> int:
         """Close idle connections now, and every connection in use when it is given back.
 
-        Checkouts that follow open fresh connections (new credentials, a new server
-        behind the same name). A connection being opened or handed to a queued
-        checkout at this moment is kept.
+        Checkouts that follow get fresh connections (new credentials, a new server
+        behind the same name). A connection being opened by a connector, or handed
+        to a queued checkout, at this moment is kept.
         Returns how many idle connections were closed.
         """
         now = monotonic()
@@ -753,47 +1130,47 @@ class ConnectionPool:
             "pool %r drained: %d idle connections closed, %d in use to be closed when returned",
             self.name, len(idle), in_use,
         )
+        # Waiters and MIN_CONNS get connectors for the freed room.
+        self._grow()
         return len(idle)
 
     def resize(self, max_size: int) -> None:
         """Change the cap to ``max_size`` now.
 
-        Growing serves queued checkouts at once with the new slots. Shrinking closes
-        idle connections beyond the new cap now and drops connections in use as they
-        are given back, until the pool is under the new cap: a holder is never
-        interrupted, and no checkout gets a slot meanwhile.
+        Growing starts connectors for queued checkouts at once. Shrinking closes
+        idle connections beyond the new cap now and closes connections in use as
+        they are given back, until the pool is under the new cap (`_give_back_idle`):
+        a holder is never interrupted, and no checkout gets a slot meanwhile.
         """
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         old = self.max_size
-        # Critical section: new cap, then settle the slots against it.
+        # Critical section: new cap, then settle the idle connections against it.
         self.max_size = max_size
         if self.reuse_size >= old or self.reuse_size > max_size:
             # REUSE_CONNS unset (it was the cap) follows the cap; a larger one shrinks with it.
             self.reuse_size = max_size
-        excess = self._slots_used + len(self._idle) - max_size
+        self.min_size = min(self.min_size, max_size)
         idle: list[PooledConnection] = []
-        while excess > 0 and self._idle:
+        while self._total_size() > max_size and self._idle:
             idle.append(self._idle.popleft())
-            excess -= 1
-        self._excess = max(excess, 0)
-        while self._waiting and self._slots_used + len(self._idle) < max_size:
-            if not self._hand_over(None):
-                break
-            self._slots_used += 1
         for conn in idle:
             self._close_quietly(conn)
+        excess = max(self._total_size() - max_size, 0)
         logger.info(
-            "pool %r resized: max_size %d -> %d (%d idle closed, %d to drop when returned)",
-            self.name, old, max_size, len(idle), self._excess,
+            "pool %r resized: max_size %d -> %d (%d idle closed, %d to close when returned)",
+            self.name, old, max_size, len(idle), excess,
         )
+        self._grow()
 
     def get_stats(self) -> dict[str, int]:
         """Counters since the pool was created, and the live measures, by name."""
         stats = {key: self._stats[key] for key in COUNTER_KEYS}
         stats[POOL_MAX] = self.max_size
+        stats[POOL_MIN] = self.min_size
         stats[POOL_SIZE] = self._slots_used + len(self._idle)
         stats[POOL_AVAILABLE] = len(self._idle)
+        stats[POOL_OPENING] = self._connecting
         stats[REQUESTS_WAITING] = self._waiting
         for source in self._stats_sources:
             stats.update(source())
@@ -839,10 +1216,20 @@ class ConnectionPool:
         self._waiters.clear()
         self._waiting = 0
         self._slots_used = 0
-        self._excess = 0
         self._sweeper = None
+        # The parent's connects and backoff timer do not exist in the child.
+        self._connecting = 0
+        self._connectors = set()
+        self._connect_failures = 0
+        self._backoff_rounds = 0
+        self._retry_timer = None
+        self._capped = False
         self._pid = os.getpid()
         self._thread_id = _native_thread_id()
+
+
+def _no_target() -> Any:
+    return None
 
 
 def _reclaim_collected(lease_ref: weakref.ref[Lease]) -> None:

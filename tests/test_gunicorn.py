@@ -86,3 +86,28 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
     closed = [line for line in log.splitlines() if "pool 'default' closed" in line]
     assert len(closed) >= len(stats_pids), log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_gunicorn_workers_warm_up_min_conns_before_any_request(cluster, example_db, tmp_path):
+    """gunicorn.conf.py's post_worker_init creates each worker's pool: MIN_CONNS open at start."""
+    app_name = "geventpool-gunicorn-warm"
+    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), MIN_CONNS="3",
+                      DB_APPLICATION_NAME=app_name)
+    sampler = ServerConnectionSampler(app_name)
+    try:
+        gunicorn, _ = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS)
+        try:
+            # No request is sent: only the warm-up can open these.
+            warm = sampler.wait_for(WORKERS * 3, timeout=20)
+            returncode = gunicorn.stop()
+        finally:
+            gunicorn.kill_group()
+        left = sampler.wait_for(0)
+    finally:
+        sampler.close()
+    log = gunicorn.log()
+    assert warm == WORKERS * 3, log[-3000:]
+    assert returncode == 0, log[-3000:]
+    assert left == 0
+    assert "warming up the pools failed" not in log, log[-3000:]
+

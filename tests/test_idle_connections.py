@@ -6,7 +6,7 @@ idle ones keep their server sessions and serve the next requests.
 
 Idle connections past ``MAX_IDLE`` or ``MAX_LIFETIME`` are closed by the pool's
 background sweeper even when no request comes to find them (its period is half
-the smallest of the two limits, at least 0.5 s: see ``ConnectionPool._sweep_forever``).
+the smallest of the two limits, at least 0.25 s: see ``ConnectionPool._maintenance_interval``).
 """
 
 from __future__ import annotations

@@ -273,7 +273,12 @@ def test_a_hanging_peer_costs_one_connect_per_interval_not_one_per_request(clust
         # try the hanging peer if the pool did not remember that it is down.
         peered(peers=["peer_hanging"], MAX_CONNS=4, REUSE_CONNS=0, CHECK_INTERVAL=30.0)
         with Load(greenlets=4) as load:
-            wait_until(lambda: load.count() >= 100, timeout=20)
+            # Requests do not wait for the hanging connects (the pool's connectors
+            # do, until connect_timeout): the load goes on until those end.
+            wait_until(
+                lambda: load.count() >= 100 and peer_stats()["peer.peer_hanging.up"] == 0,
+                timeout=20,
+            )
     finally:
         finished.set()
         server.stop()
@@ -281,7 +286,9 @@ def test_a_hanging_peer_costs_one_connect_per_interval_not_one_per_request(clust
     assert load.failures() == []
     assert load.ports() == {str(a.port)}
     stats = get_stats(PEERED)
-    assert stats["connections_num"] >= 100
+    # Many connects (REUSE_CONNS=0; a returned connection may still go straight
+    # to a waiting request), of which only the first few tried the hanging peer.
+    assert stats["connections_num"] >= 20
     assert stats["peer.peer_hanging.up"] == 0
     # Only the checkouts that chose it before the first failure tried it.
     assert 1 <= len(accepted) <= 4
@@ -307,56 +314,52 @@ def test_a_restarted_peer_takes_connections_again(clusters, peered):
     assert stats["peer.peer_b.connects"] >= 1
 
 
-def test_all_peers_down_fails_fast_naming_each_peer_then_recovers(clusters, peered, caplog):
+def test_all_peers_down_waits_then_times_out_naming_each_peer_then_recovers(
+    clusters, peered, caplog
+):
     a, b = clusters
-    peered(MAX_CONNS=4, CHECK_INTERVAL=1.0, POOL_TIMEOUT=30.0)
+    peered(MAX_CONNS=4, CHECK_INTERVAL=1.0, POOL_TIMEOUT=2.5)
     assert serve_request() in (str(a.port), str(b.port))
     stop_server(a)
     stop_server(b)
     caplog.set_level(logging.WARNING, logger="django_db_geventpool")
 
     started = monotonic()
-    with pytest.raises(AllPeersDown) as first:
+    with pytest.raises(PoolTimeout) as first:
         serve_request()
-    # Not a PoolTimeout in disguise: far sooner than POOL_TIMEOUT (30 s).
-    assert monotonic() - started < 30.0 / 3
+    waited = monotonic() - started
+    # Connect trouble degrades to waiting: the checkout used its POOL_TIMEOUT
+    # (it would have been served had a peer come back), and no more.
+    assert 2.4 <= waited < 2.5 + 0.5
     marked_down = [
         r.getMessage() for r in caplog.records
         if r.levelno == logging.WARNING and "marked down" in r.getMessage()
     ]
     for peer in ("'peered'", "'peer_b'"):
         assert [m for m in marked_down if f"peer {peer} marked down" in m], marked_down
+    # The PoolTimeout says why: every peer, since when, and its last error.
     message = str(first.value)
+    assert "connects to the server are failing" in message
     for peer in ("'peered' down since", "'peer_b' down since"):
         assert peer in message
-    assert message.count("last error:") == 2
+    assert message.count("last error:") >= 2
     assert isinstance(first.value, OperationalError)
-    assert not isinstance(first.value, PoolTimeout)
+    assert isinstance(first.value.__cause__, AllPeersDown)
     stats = get_stats(PEERED)
     assert stats["peer.peered.up"] == 0 and stats["peer.peer_b.up"] == 0
-    assert stats["peer.peered.connects_failed"] == 1 and stats["peer.peer_b.connects_failed"] == 1
+    # Each peer is tried about once per CHECK_INTERVAL, not once per waiter or retry.
+    for peer in ("peered", "peer_b"):
+        assert 1 <= stats[f"peer.{peer}.connects_failed"] <= 2.5 / 1.0 + 2
+    assert stats["requests_waiting"] == 0
 
-    assert first.value.attempted is True
-    assert stats["connections_errors"] == 1  # one pool-level connect, which tried both peers
-
-    # Within CHECK_INTERVAL: the same error, with no connect attempted at all.
-    with pytest.raises(AllPeersDown, match="next retry in") as refused:
-        serve_request()
-    assert refused.value.attempted is False
-    again = get_stats(PEERED)
-    assert again["peer.peered.connects_failed"] == 1 and again["peer.peer_b.connects_failed"] == 1
-    # Counted as a failed request, not as a connect attempt.
-    assert again["connections_num"] == stats["connections_num"]
-    assert again["connections_errors"] == stats["connections_errors"]
-    assert again["requests_errors"] == stats["requests_errors"] + 1
-    assert again["requests_waiting"] == 0
-
+    # A request that waits across the recovery is served.
+    waiting = gevent.spawn(serve_request)
+    gevent.sleep(0.2)
     a.start()
-    gevent.sleep(1.0)  # CHECK_INTERVAL: both peers become due for a retry
-    assert serve_request() == str(a.port)
+    assert waiting.get(timeout=10) == str(a.port)
     recovered = get_stats(PEERED)
     assert recovered["peer.peered.up"] == 1
-    assert recovered["peer.peered.connections"] == 1
+    assert recovered["peer.peered.connections"] >= 1
 
 
 def _refusing_peer() -> None:

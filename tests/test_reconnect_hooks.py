@@ -16,7 +16,8 @@ import gevent
 import pytest
 from django.db import OperationalError, connections
 
-from django_db_geventpool import get_stats, signals
+from django_db_geventpool import PoolTimeout, get_stats, signals
+from tests.support.eventually import wait_until
 from tests.support.helpers import backend_pid
 from tests.support.load import Load
 from tests.support.pgserver import PostgresCluster
@@ -226,7 +227,16 @@ def test_signals_fire_with_sender_and_dbwrapper(rotating):
         signals.post_reconnect.disconnect(on_post)
     wrapper = connections[ALIAS]
     assert first != second
-    assert received == [("pre", type(wrapper), wrapper), ("post", type(wrapper), wrapper)]
+    # The pool opens connections in its own greenlets, each with a wrapper of the
+    # alias over the alias's own settings_dict (a hook's change reaches every
+    # later connect); pre and post get the same one.
+    assert [(kind, sender) for kind, sender, _ in received] == [
+        ("pre", type(wrapper)), ("post", type(wrapper)),
+    ]
+    (_, _, pre_wrapper), (_, _, post_wrapper) = received
+    assert pre_wrapper is post_wrapper
+    assert pre_wrapper.alias == ALIAS
+    assert pre_wrapper.settings_dict is wrapper.settings_dict is connections.settings[ALIAS]
     assert get_stats(ALIAS)["connections_lost"] == 1
 
 
@@ -261,13 +271,15 @@ def test_post_reconnect_hook_runs_once_after_a_broken_connection_is_replaced(rot
         connections[ALIAS].close()
     finally:
         signals.post_reconnect.disconnect(on_post)
-    wrapper = connections[ALIAS]
     assert second != first and third == second
-    # Once, with the wrapper, after the broken connection was found (lost) and
-    # the pre hook ran; the hook runs before the signal's receivers.
-    assert calls == [
-        ("pre hook", wrapper, 1), ("post hook", wrapper, 1), ("post signal", wrapper, 1),
+    # Once, with the connect's wrapper of the alias, after the broken connection
+    # was found (lost) and the pre hook ran; the hook runs before the receivers.
+    assert [(kind, lost) for kind, _, lost in calls] == [
+        ("pre hook", 1), ("post hook", 1), ("post signal", 1),
     ]
+    wrappers = {id(wrapper) for _, wrapper, _ in calls}
+    assert len(wrappers) == 1
+    assert calls[0][1].settings_dict is connections.settings[ALIAS]
     # The post hook ran on a successful connect: the replacement serves.
     stats = get_stats(ALIAS)
     assert stats["connections_num"] == 2
@@ -326,16 +338,24 @@ def test_connect_retries_with_backoff_until_the_hook_finds_the_password(rotating
     assert gaps[1] >= delay * 4 * 0.5, gaps
 
 
-def test_retries_exhausted_give_the_drivers_error(rotating, hooks):
+def test_failing_connects_end_in_a_pool_timeout_that_names_the_drivers_error(rotating, hooks):
     connections.settings[ALIAS]["PASSWORD"] = "stale-secret"
-    _configure(MAX_CONNS=1, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.01)
+    _configure(MAX_CONNS=1, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.01, POOL_TIMEOUT=1.0)
     calls = []
     hooks.pre(lambda dbwrapper: calls.append(dbwrapper.alias))
-    with pytest.raises(OperationalError, match="password authentication failed"):
+    started = monotonic()
+    with pytest.raises(PoolTimeout, match="password authentication failed") as raised:
         backend_pid(ALIAS)
-    assert calls == [ALIAS, ALIAS]
+    # The checkout kept waiting (connects retried, backed off) for POOL_TIMEOUT,
+    # then said why nothing came: the driver's error, chained.
+    assert monotonic() - started >= 0.9
+    assert isinstance(raised.value, OperationalError)
+    assert "password authentication failed" in str(raised.value.__cause__)
+    # Hooks ran before every retry: the first connect is not a reconnect.
     stats = get_stats(ALIAS)
-    assert stats["connections_errors"] == 3
-    assert stats["pool_size"] == 0
+    assert stats["connections_errors"] >= 3
+    assert len(calls) == stats["connections_num"] - 1
+    assert set(calls) == {ALIAS}
+    wait_until(lambda: get_stats(ALIAS)["pool_size"] == 0)
     connections.settings[ALIAS]["PASSWORD"] = "first-secret"
     backend_pid(ALIAS)  # the slot was given back

@@ -36,6 +36,11 @@ CHECKED_ELSEWHERE = {
     "returns_bad": "test_dirty_returns.py (a connection returned mid-query)",
     "checks_roundtrip": "test_health_checks.py (counted against pg_stat_database)",
     "requests_timeouts": "test_metrics_export.py (one forced PoolTimeout)",
+    "connections_capped": "test_connect_faults.py (one per 'refused a connection' WARNING)",
+    "connections_read_only": "test_read_only.py (connections closed on a read-only server)",
+    "checks_keepalive": "test_warm_keepalive.py (round trips on idle connections)",
+    "pool_min": "test_warm_keepalive.py (MIN_CONNS)",
+    "pool_opening": "test_connect_faults.py (0 once every connect has ended)",
 }
 CHECKED_HERE = {
     "pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
@@ -45,7 +50,9 @@ CHECKED_HERE = {
 
 
 def _documented_keys() -> set[str]:
-    return set(COUNTER_KEYS) | {"pool_max", "pool_size", "pool_available", "requests_waiting"}
+    return set(COUNTER_KEYS) | {
+        "pool_max", "pool_min", "pool_size", "pool_available", "pool_opening", "requests_waiting"
+    }
 
 
 def test_every_documented_key_is_checked_by_value_somewhere():
@@ -114,21 +121,27 @@ def test_queue_wait_and_connect_figures(configure_pool, slow_connects):
     assert (stats["pool_max"], stats["pool_size"], stats["pool_available"]) == (1, 1, 0)
     assert stats["requests_waiting"] == 0
 
+    # The holder queued too: a checkout that needs a new connection waits for the
+    # pool's connector to open it.
+    assert stats["requests_queued"] == 1
     waiters = [_in_request(wait_then_query) for _ in range(WAITERS)]
     wait_until(lambda: get_stats()["requests_waiting"] == WAITERS)
-    assert get_stats()["requests_queued"] == WAITERS
+    assert get_stats()["requests_queued"] == 1 + WAITERS
     gevent.sleep(HOLD)  # every waiter now waits at least HOLD
     release.set()
     gevent.joinall([holder, *waiters], raise_error=True, timeout=30)
 
     stats = get_stats()
     assert stats["requests_num"] == 1 + WAITERS
-    assert stats["requests_queued"] == WAITERS
+    assert stats["requests_queued"] == 1 + WAITERS
     assert stats["requests_waiting"] == 0
     assert stats["requests_errors"] == 0
-    # Each waiter waited through the hold (and the later ones through the earlier
-    # ones' queries too); the pool's total is no more than the test measured.
-    assert WAITERS * HOLD * 1000 <= stats["requests_wait_ms"] <= sum(waited) * 1000 + WAITERS
+    # The holder waited through the connect, each waiter through the hold (and the
+    # later ones through the earlier ones' queries too); the pool's total is no more
+    # than the test measured.
+    least_wait_ms = (CONNECT_DELAY + WAITERS * HOLD) * 1000
+    most_wait_ms = (first_checkout[0] + sum(waited)) * 1000 + 1 + WAITERS
+    assert least_wait_ms <= stats["requests_wait_ms"] <= most_wait_ms
     # One connection served everyone: one connect, slowed by CONNECT_DELAY.
     assert stats["connections_num"] == 1
     assert stats["connections_errors"] == 0
@@ -137,7 +150,7 @@ def test_queue_wait_and_connect_figures(configure_pool, slow_connects):
     assert CONNECT_DELAY * 1000 <= stats["connections_ms"] <= first_checkout[0] * 1000 + 1
     assert (stats["pool_size"], stats["pool_available"]) == (1, 1)
     # The documented formulas (docs/observability.md) give the workload's answers.
-    assert stats["requests_wait_ms"] / stats["requests_queued"] >= HOLD * 1000
+    assert stats["requests_wait_ms"] / stats["requests_queued"] >= least_wait_ms / (1 + WAITERS)
     assert stats["connections_ms"] / stats["connections_num"] >= CONNECT_DELAY * 1000
 
 
@@ -171,14 +184,15 @@ def test_a_timed_out_checkout_counts_its_wait_and_an_error(configure_pool):
     assert stats["connections_num"] == before["connections_num"]  # no connect was tried
 
 
-def test_a_failed_connect_counts_an_attempt_an_error_and_a_failed_request(configure_pool):
-    configure_pool(MAX_CONNS=2, CONNECT_RETRIES=1, CONNECT_RETRY_DELAY=0.01)
+def _refusing_connects(failures: int | None):
+    """Patch connects to fail ``failures`` times (None: always), then connect for real."""
     real = DjangoPostgreSQLWrapper.get_new_connection
-    failures_left = [3]  # the first request's two attempts, then the second's first
+    failures_left = [failures]
 
     def flaky(self, conn_params):
-        if failures_left[0] > 0:
-            failures_left[0] -= 1
+        if failures_left[0] is None or failures_left[0] > 0:
+            if failures_left[0] is not None:
+                failures_left[0] -= 1
             from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
             if is_psycopg3:
@@ -190,14 +204,37 @@ def test_a_failed_connect_counts_an_attempt_an_error_and_a_failed_request(config
             raise psycopg2.OperationalError("refused by the test")
         return real(self, conn_params)
 
-    with mock.patch.object(DjangoPostgreSQLWrapper, "get_new_connection", flaky):
-        with pytest.raises(OperationalError, match="refused by the test"):
-            _in_request(_checkout).get(timeout=10)
-        _in_request(_checkout).get(timeout=10)  # retried once, connected
+    return mock.patch.object(DjangoPostgreSQLWrapper, "get_new_connection", flaky)
+
+
+def test_failed_connects_count_attempts_and_errors_but_the_request_waits(configure_pool):
+    configure_pool(MAX_CONNS=2, CONNECT_RETRIES=1, CONNECT_RETRY_DELAY=0.01)
+    # One quick retry, then the pool-wide backoff probes one connect at a time:
+    # attempts 1 and 2 (quick retry) fail, probe 3 fails, probe 4 connects.
+    with _refusing_connects(3):
+        _in_request(_checkout).get(timeout=10)
 
     stats = get_stats()
-    assert stats["requests_num"] == 2
-    assert stats["requests_errors"] == 1
-    assert stats["connections_num"] == 4  # 2 failed attempts, then 1 failed + 1 connected
+    assert stats["requests_num"] == 1
+    assert stats["requests_queued"] == 1
+    assert stats["requests_errors"] == 0
+    assert stats["connections_num"] == 4
     assert stats["connections_errors"] == 3
     assert (stats["pool_size"], stats["pool_available"]) == (1, 1)
+
+
+def test_a_checkout_that_outlives_failing_connects_is_one_failed_request(configure_pool):
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=0.5, CONNECT_RETRY_DELAY=0.01)
+    with _refusing_connects(None):
+        with pytest.raises(PoolTimeout, match="refused by the test") as raised:
+            _in_request(_checkout).get(timeout=10)
+    assert "refused by the test" in str(raised.value.__cause__)  # the driver's error, chained
+    wait_until(lambda: get_stats()["pool_opening"] == 0)
+
+    stats = get_stats()
+    assert stats["requests_num"] == 1
+    assert stats["requests_errors"] == 1
+    assert stats["requests_timeouts"] == 1
+    assert stats["connections_num"] >= 2
+    assert stats["connections_errors"] == stats["connections_num"]
+    assert (stats["pool_size"], stats["pool_available"]) == (0, 0)

@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 # handed out.
 _TARGET_KEYS = ("NAME", "HOST", "PORT", "USER")
 _POOL_OPTION_SET = frozenset(POOL_OPTION_NAMES)
+# libpq's target_session_attrs values that ask for a server accepting writes.
+_WRITABLE_SESSION_ATTRS = frozenset({"read-write", "primary"})
+# Transaction states an interrupted query leaves behind (libpq numbering).
+_INTERRUPTED = frozenset({1, 4})  # ACTIVE, UNKNOWN
 
 # alias -> (what the parameters were built from, a copy of OPTIONS, the parameters).
 # Process-global like the pools: each greenlet has its own wrapper, and a web
@@ -87,14 +91,27 @@ class PooledDatabaseWrapperMixin(_MixinBase):
         # connections (closed through the pool's driver ops) and adds its stats.
         peer_set = build_peer_set(self.alias, settings, ops.connect_errors)
         pool_ops = ops if peer_set is None else peer_set.counting_ops(ops)
-        pool = ConnectionPool(self.alias, pool_ops, **settings.pool_kwargs())
+        peers = 1 if peer_set is None else len(peer_set.peers)
+        pool = ConnectionPool(
+            self.alias,
+            pool_ops,
+            opener=_pool_opener(type(self), self.settings_dict, self.alias, peer_set),
+            target_of=functools.partial(_target_of, self.settings_dict, peer_set),
+            # One attempt per peer, each bounded by connect_timeout or POOL_TIMEOUT
+            # (see _open_pooled_connection); the pool bounds the whole call too.
+            connect_timeout=settings.pool_timeout * peers + 1.0,
+            writable_required=writable_required(self.settings_dict),
+            **settings.pool_kwargs(),
+        )
         pool.settings = settings  # type: ignore[attr-defined]
         pool.peer_set = peer_set  # type: ignore[attr-defined]
         if peer_set is not None:
             pool.add_stats_source(peer_set.get_stats)
+            pool.read_only_listeners.append(peer_set.read_only)
         # setdefault: if two greenlets raced here, both use the first pool.
         existing = registry.pools.get(self.alias)
         if existing is not None and not existing.closed:
+            pool.close()  # it may have started warming up (MIN_CONNS)
             return existing
         registry.pools[self.alias] = pool
         otel.attach(pool)  # does nothing without opentelemetry-api
@@ -148,31 +165,14 @@ class PooledDatabaseWrapperMixin(_MixinBase):
             # back now rather than leak its slot.
             self._give_back(self._pool_lease)
         peer_set = pool.peer_set  # type: ignore[attr-defined]
-        lease = pool.checkout(
-            self._pool_opener(peer_set), owner=self, target=self._target(peer_set)
-        )
+        # New server connections are opened by the pool's connectors (see
+        # _pool_opener); this checkout only waits, within POOL_TIMEOUT.
+        lease = pool.checkout(owner=self, target=_target_of(self.settings_dict, peer_set))
         self._pool_lease = lease
         if "isolation_level" not in self.__dict__:
             # Django sets it when it opens a connection; a reused one needs it too.
             self.isolation_level = _configured_isolation_level(self.settings_dict)
         return lease.connection
-
-    def _target(self, peer_set: Any) -> tuple:
-        target = connection_target(self.settings_dict)
-        if peer_set is None:
-            return target
-        # An idle connection to any peer will do: the target is the whole set's,
-        # and it changes (closing idle connections) when any peer's entry does.
-        return (
-            target,
-            *(connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]),
-        )
-
-    def _pool_opener(self, peer_set: Any) -> Any:
-        """What the pool calls to open a connection: on this alias, or on a chosen peer."""
-        if peer_set is None:
-            return self._open_pooled_connection
-        return functools.partial(peer_set.open_connection, self._open_on_peer)
 
     def _open_on_peer(self, peer: str, reconnect: bool) -> Any:
         return self._open_pooled_connection(reconnect, peer)
@@ -181,16 +181,27 @@ class PooledDatabaseWrapperMixin(_MixinBase):
         """Open a server connection the way Django's own backend would; called by the pool.
 
         ``peer``: the ``DATABASES`` alias whose entry gives the connection
-        parameters (default: this alias).
+        parameters (default: this alias). Runs in a connector greenlet of the
+        pool, on a wrapper of its own (see `_pool_opener`).
         """
         if reconnect:
             signals.send_pre_reconnect(self)
         # Read now, not when the pool was created: a hook may have changed them.
         params = self.get_connection_params() if peer is None else peer_connection_params(self, peer)
         ops = driver_ops()
-        with ops.connect_deadline(params):
+        # Each attempt (each peer) is bounded: libpq's connect_timeout if set, else
+        # POOL_TIMEOUT; a peer that never answers is marked down like a refusing one.
+        fallback = parse_pool_settings(self.alias, self.settings_dict).pool_timeout
+        with ops.connect_deadline(params, fallback):
             raw = super().get_new_connection(params)
         try:
+            if writable_required(self.settings_dict) and ops.read_only(raw):
+                # libpq checks target_session_attrs for the entry that sets it only
+                # (a PEERS entry may lack it): check every connection here.
+                raise ops.connect_errors[0](
+                    f"the server at host={params.get('host')!r} port={params.get('port')!r} "
+                    "is read-only, and target_session_attrs asks for a writable server"
+                )
             if ops.transaction_status(raw) != 0:
                 # Per-connection set-up (PostGIS type lookups) ran in a transaction.
                 ops.commit(raw)
@@ -248,9 +259,42 @@ class PooledDatabaseWrapperMixin(_MixinBase):
         # Django's connect() sets autocommit at every checkout, and the pool hands
         # connections out in autocommit already: skip the no-op, which psycopg 3
         # runs through its lock and wait machinery (about 2 µs per checkout).
-        if self._pool_lease is not None and self.connection.autocommit == autocommit:
-            return
+        if self._pool_lease is not None:
+            if self.connection.autocommit == autocommit:
+                return
+            if self._abandon_if_interrupted():
+                return
         super()._set_autocommit(autocommit)  # type: ignore[misc]
+
+    # -- an interrupted query ------------------------------------------------------
+    #
+    # A gevent.Timeout or a kill that lands while a query runs leaves the driver
+    # connection closed (psycopg2) or in ACTIVE state (psycopg 3). Django's
+    # atomic() then rolls back and restores autocommit on it, which raises
+    # InterfaceError / ProgrammingError in place of the interruption. Neither is
+    # worth doing on such a connection: the server rolls back when it goes away.
+
+    def _rollback(self) -> None:
+        if self._pool_lease is not None and self._abandon_if_interrupted():
+            return
+        super()._rollback()  # type: ignore[misc]
+
+    def _abandon_if_interrupted(self) -> bool:
+        """Give back (to be closed) a connection an interruption left unusable; True if so."""
+        lease = self._pool_lease
+        assert lease is not None
+        ops = lease.pool.driver
+        raw = lease.connection
+        if not ops.is_closed(raw) and ops.transaction_status(raw) not in _INTERRUPTED:
+            return False
+        self._pool_lease = None
+        self.connection = None
+        # Inside atomic()'s exit: it must not restore autocommit (which would check
+        # out another connection); connect() clears the flag.
+        self.closed_in_transaction = True
+        # checkin() cancels a query still running in the server, then closes.
+        lease.pool.checkin(lease)
+        return True
 
     def _give_back(self, lease: Lease) -> None:
         self._pool_lease = None
@@ -278,6 +322,41 @@ def pooled_aliases() -> list[str]:
         alias for alias in connections.settings
         if isinstance(connections[alias], PooledDatabaseWrapperMixin)
     ]
+
+
+def writable_required(settings_dict: dict[str, Any]) -> bool:
+    """True if the entry asks libpq for a writable server (``target_session_attrs``)."""
+    options = settings_dict.get("OPTIONS") or {}
+    return options.get("target_session_attrs") in _WRITABLE_SESSION_ATTRS
+
+
+def _pool_opener(
+    wrapper_class: type, settings_dict: dict[str, Any], alias: str, peer_set: Any
+) -> Any:
+    """What the pool's connectors call to open a connection (``opener(reconnect)``)."""
+
+    def open_connection(reconnect: bool) -> Any:
+        # A wrapper of its own per connect, over the alias's shared settings_dict
+        # (reconnect hooks may change it): the session set-up points the wrapper
+        # at the new connection for a while, and connects run concurrently.
+        wrapper = wrapper_class(settings_dict, alias)
+        if peer_set is None:
+            return wrapper._open_pooled_connection(reconnect)
+        return peer_set.open_connection(wrapper._open_on_peer, reconnect)
+
+    return open_connection
+
+
+def _target_of(settings_dict: dict[str, Any], peer_set: Any) -> tuple:
+    """What a connection for this entry is connected to, as the pool compares it."""
+    target = connection_target(settings_dict)
+    if peer_set is None:
+        return target
+    # An idle connection to any peer will do: the target is the whole set's,
+    # and it changes (closing idle connections) when any peer's entry does.
+    return (target,) + tuple(
+        connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]
+    )
 
 
 def connection_target(settings_dict: dict[str, Any]) -> tuple:

@@ -33,6 +33,45 @@ class _DBAPIOps:
     #: The driver's connect errors worth a retry (the pool's `DriverOps` protocol).
     connect_errors: tuple[type[BaseException], ...]
 
+    #: True if the driver itself applies libpq's ``connect_timeout`` to an
+    #: asynchronous (gevent) connect.
+    enforces_connect_timeout = False
+
+    @contextlib.contextmanager
+    def connect_deadline(self, params: dict[str, Any], fallback: float) -> Iterator[None]:
+        """Bound one connect: libpq's ``connect_timeout`` if set, else ``fallback`` seconds.
+
+        Expiry raises the driver's OperationalError, so a server that never
+        answers is a connect error like a refusing one (a peer is marked down).
+        libpq's rules: per host, at least 2 s, 0 or absent for none.
+        """
+        import gevent
+
+        try:
+            per_host = int(params.get("connect_timeout") or 0)
+        except (TypeError, ValueError):
+            per_host = 0
+        if per_host > 0:
+            if self.enforces_connect_timeout:
+                yield
+                return
+            hosts = str(params.get("host") or "").count(",") + 1
+            seconds = float(max(per_host, 2) * hosts)
+            what = f"connect_timeout={per_host}s"
+        else:
+            seconds = fallback
+            what = f"no connect_timeout set; bounded by POOL_TIMEOUT={fallback:g}s"
+        deadline = gevent.Timeout(seconds)
+        deadline.start()
+        try:
+            yield
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            raise self.connect_errors[0](f"connection timeout expired ({what})") from None
+        finally:
+            deadline.close()
+
     @staticmethod
     def rollback(raw: Any) -> None:
         raw.rollback()
@@ -56,15 +95,19 @@ class Psycopg3Ops(_DBAPIOps):
 
     name = "psycopg 3"
 
+    # psycopg 3 applies connect_timeout itself, per host, to its gevent-friendly connect.
+    enforces_connect_timeout = True
+
     def __init__(self) -> None:
         import psycopg
 
         self.connect_errors = (psycopg.OperationalError,)
 
     @staticmethod
-    def connect_deadline(params: dict[str, Any]) -> contextlib.nullcontext[None]:
-        """Nothing to add: psycopg 3 enforces ``connect_timeout`` itself."""
-        return contextlib.nullcontext()
+    def read_only(raw: Any) -> bool:
+        """The server said (ParameterStatus, PostgreSQL 14+) that it refuses writes."""
+        status = raw.pgconn.parameter_status
+        return status(b"default_transaction_read_only") == b"on" or status(b"in_hot_standby") == b"on"
 
     @staticmethod
     def ensure_cooperative(alias: str) -> None:
@@ -144,38 +187,10 @@ class Psycopg2Ops(_DBAPIOps):
         logger.info("installed psycogreen's gevent wait callback for psycopg2")
 
     @staticmethod
-    @contextlib.contextmanager
-    def connect_deadline(params: dict[str, Any]) -> Iterator[None]:
-        """Enforce ``connect_timeout`` around a connect.
-
-        libpq applies it only to its blocking connect; with a wait callback
-        (psycogreen) psycopg2 connects asynchronously and a host that never
-        answers would hang the connect. libpq's rules: per host, at least 2 s,
-        0 or absent for none.
-        """
-        import gevent
-        import psycopg2
-
-        try:
-            per_host = int(params.get("connect_timeout") or 0)
-        except (TypeError, ValueError):
-            per_host = 0
-        if per_host <= 0:
-            yield
-            return
-        seconds = max(per_host, 2) * (str(params.get("host") or "").count(",") + 1)
-        deadline = gevent.Timeout(seconds)
-        deadline.start()
-        try:
-            yield
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
-            raise psycopg2.OperationalError(
-                f"connection timeout expired (connect_timeout={per_host}s)"
-            ) from None
-        finally:
-            deadline.close()
+    def read_only(raw: Any) -> bool:
+        """The server said (ParameterStatus, PostgreSQL 14+) that it refuses writes."""
+        status = raw.get_parameter_status
+        return status("default_transaction_read_only") == "on" or status("in_hot_standby") == "on"
 
     @staticmethod
     def is_closed(raw: Any) -> bool:

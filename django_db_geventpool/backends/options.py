@@ -35,6 +35,8 @@ _SPEC: dict[str, tuple[Any, str, str]] = {
     "CHECK_INTERVAL": (30.0, "num>0", "a number of seconds > 0"),
     "STATS_LOG_INTERVAL": (None, "num>0?", "a number of seconds > 0, or None (no stats log line)"),
     "TRANSACTION_POOLING": (False, "bool", "True (behind pgbouncer in transaction mode) or False"),
+    "MIN_CONNS": (0, "int>=0", "an integer >= 0 (at most MAX_CONNS)"),
+    "KEEPALIVE_INTERVAL": (None, "num>0?", "a number of seconds > 0, or None (no keepalive)"),
 }
 POOL_OPTION_NAMES = tuple(_SPEC)
 # As in django-proxysql, these may also stand at the top level of the entry.
@@ -61,6 +63,8 @@ class PoolSettings:
     stats_log_interval: float | None = None
     # Declared proxy in transaction mode: settings checked by transaction_pooling.py.
     transaction_pooling: bool = False
+    min_conns: int = 0
+    keepalive_interval: float | None = None
 
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ConnectionPool`."""
@@ -75,6 +79,8 @@ class PoolSettings:
             "connect_retries": self.connect_retries,
             "connect_retry_delay": self.connect_retry_delay,
             "reset_query": self.reset_query,
+            "min_size": self.min_conns,
+            "keepalive_interval": self.keepalive_interval,
         }
 
 
@@ -141,6 +147,24 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         raise ImproperlyConfigured(
             f"{where}['REUSE_CONNS'] must be at most MAX_CONNS ({max_conns}); got {reuse!r}."
         )
+    min_conns = values["MIN_CONNS"]
+    if min_conns > max_conns:
+        raise ImproperlyConfigured(
+            f"{where}['MIN_CONNS'] must be at most MAX_CONNS ({max_conns}); got {min_conns!r}."
+        )
+    if min_conns > reuse:
+        raise ImproperlyConfigured(
+            f"{where}['MIN_CONNS'] must be at most REUSE_CONNS ({reuse}): connections kept "
+            f"warm must be kept idle; got {min_conns!r}."
+        )
+    keepalive = values["KEEPALIVE_INTERVAL"]
+    if keepalive is not None and values["MAX_IDLE"] is not None and keepalive >= values["MAX_IDLE"] \
+            and not min_conns:
+        raise ImproperlyConfigured(
+            f"{where}['KEEPALIVE_INTERVAL'] ({keepalive!r}) must be shorter than MAX_IDLE "
+            f"({values['MAX_IDLE']!r}), or idle connections expire before their first "
+            "keepalive; lower it, raise MAX_IDLE, or set MAX_IDLE to None."
+        )
     peers = tuple(values["PEERS"] or ())
     if alias in peers:
         peers = tuple(p for p in peers if p != alias)
@@ -161,4 +185,6 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         check_interval=float(values["CHECK_INTERVAL"]),
         stats_log_interval=values["STATS_LOG_INTERVAL"],
         transaction_pooling=values["TRANSACTION_POOLING"],
+        min_conns=min_conns,
+        keepalive_interval=None if keepalive is None else float(keepalive),
     )

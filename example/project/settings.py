@@ -46,6 +46,7 @@ DATABASES = {
             "MAX_CONNS": int(os.environ.get("MAX_CONNS", "5")),
             "POOL_TIMEOUT": float(os.environ.get("POOL_TIMEOUT", "10")),
             "STATS_LOG_INTERVAL": _optional_float("STATS_LOG_INTERVAL"),
+            "MIN_CONNS": int(os.environ.get("MIN_CONNS", "0")),
             "application_name": os.environ.get("DB_APPLICATION_NAME", "geventpool-example"),
         },
     }

@@ -55,6 +55,7 @@ class PostgresCluster:
         auth: str = "trust",
         superuser: str = "postgres",
         password: str = "postgres",
+        initialize: bool = True,
     ) -> None:
         self.binaries = {name: _find_server_binary(name) for name in SERVER_BINARIES}
         self.port = port or free_port()
@@ -79,7 +80,8 @@ class PostgresCluster:
         self.logfile = self.root / "server.log"
         if self.run_as is not None:
             os.chown(self.root, self.run_as.pw_uid, self.run_as.pw_gid)
-        self._initdb()
+        if initialize:
+            self._initdb()
 
     # -- commands ---------------------------------------------------------------
 
@@ -131,6 +133,33 @@ class PostgresCluster:
     def restart(self, mode: str = "fast") -> None:
         self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-l", str(self.logfile),
                    "-m", mode, "-w", "-t", "60", "restart"])
+
+    def promote(self) -> None:
+        """Promote a standby to a primary (``pg_ctl promote``), once it accepts writes."""
+        self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-w", "-t", "60", "promote"])
+
+    @classmethod
+    def standby_of(cls, primary: "PostgresCluster") -> "PostgresCluster":
+        """A streaming standby of ``primary`` (``pg_basebackup -R``), not started yet.
+
+        It listens on a port and socket directory of its own; ``hot_standby`` lets
+        it serve read-only sessions, which report ``in_hot_standby = on``.
+        """
+        standby = cls(
+            superuser=primary.superuser, password=primary.password, auth=primary.auth,
+            initialize=False,
+        )
+        standby._run([
+            _find_server_binary("pg_basebackup"), "-D", str(standby.datadir), "-R",
+            "-X", "stream", "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port),
+            "-U", primary.superuser, "--no-sync",
+        ])
+        with (standby.datadir / "postgresql.conf").open("a") as f:
+            # Later lines win over the primary's copied ones.
+            f.write(f"port = {standby.port}\n")
+            f.write(f"unix_socket_directories = '{standby.socket_dir}'\n")
+            f.write("hot_standby = on\n")
+        return standby
 
     def is_running(self) -> bool:
         result = self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "status"], check=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
@@ -61,6 +63,13 @@ BAD_VALUES = [
     ("TRANSACTION_POOLING", 1, "True"),
     ("TRANSACTION_POOLING", "yes", "True"),
     ("TRANSACTION_POOLING", None, "True"),
+    ("MIN_CONNS", -1, "integer >= 0"),
+    ("MIN_CONNS", 1.5, "integer >= 0"),
+    ("MIN_CONNS", True, "integer >= 0"),
+    ("MIN_CONNS", None, "integer >= 0"),
+    ("KEEPALIVE_INTERVAL", 0, "> 0"),
+    ("KEEPALIVE_INTERVAL", "30", "> 0"),
+    ("KEEPALIVE_INTERVAL", True, "> 0"),
 ]
 
 
@@ -138,3 +147,27 @@ def test_djangos_own_pool_option_is_refused():
 def test_top_level_peers_are_validated_too():
     with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['default'\]\['PEERS'\]"):
         parse_pool_settings("default", {"NAME": "db", "OPTIONS": {}, "PEERS": "replica"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"MAX_CONNS": 4, "MIN_CONNS": 5}, "'MIN_CONNS'] must be at most MAX_CONNS (4); got 5"),
+        ({"MAX_CONNS": 4, "REUSE_CONNS": 2, "MIN_CONNS": 3}, "at most REUSE_CONNS (2)"),
+        ({"MAX_IDLE": 60, "KEEPALIVE_INTERVAL": 60}, "must be shorter than MAX_IDLE"),
+    ],
+)
+def test_min_conns_and_keepalive_are_checked_against_the_other_options(options, message):
+    with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+        parse_pool_settings("default", _settings(**options))
+
+
+def test_min_conns_and_keepalive_reach_the_pool():
+    settings = parse_pool_settings(
+        "default", _settings(MAX_CONNS=6, MIN_CONNS=2, KEEPALIVE_INTERVAL=45)
+    )
+    assert settings.pool_kwargs()["min_size"] == 2
+    assert settings.pool_kwargs()["keepalive_interval"] == 45.0
+    defaults = parse_pool_settings("default", _settings())
+    assert defaults.min_conns == 0
+    assert defaults.keepalive_interval is None

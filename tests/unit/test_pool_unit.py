@@ -368,19 +368,159 @@ def test_failed_rollback_closes_the_connection(server):
     assert pool.get_stats()["pool_size"] == 0
 
 
-def test_connect_is_retried_then_the_error_frees_the_slot(server):
+def test_connect_is_retried_then_failures_degrade_to_waiting(server):
     pool = make_pool(max_size=1, connect_retries=1, connect_retry_delay=0.01)
     server.failures_left = 1
     lease = pool.checkout(server.open)
     assert server.reconnect_flags == [False, True]
     pool.discard(lease)
-    server.failures_left = 2
-    with pytest.raises(FakeConnectError):
-        pool.checkout(server.open)
+    server.failures_left = 10**6
+    with pytest.raises(PoolTimeout, match="connection refused") as excinfo:
+        pool.checkout(server.open, timeout=0.3)
+    # The checkout waited its whole timeout, and says why nothing came.
+    assert isinstance(excinfo.value.__cause__, FakeConnectError)
+    assert "connects to the server are failing" in str(excinfo.value)
     stats = pool.get_stats()
-    assert stats["connections_errors"] == 3
     assert stats["pool_size"] == 0
-    assert pool.checkout(server.open, timeout=0.05).active
+    assert stats["requests_waiting"] == 0
+    server.failures_left = 0
+    assert pool.checkout(server.open, timeout=2).active
+
+
+def test_failed_connects_back_off_pool_wide_not_per_waiter(server):
+    pool = make_pool(max_size=10, connect_retries=0, connect_retry_delay=0.05, timeout=1.0)
+    server.failures_left = 10**6
+    waiters = [gevent.spawn(pool.checkout, server.open) for _ in range(50)]
+    gevent.joinall(waiters)
+    assert all(isinstance(w.exception, PoolTimeout) for w in waiters)
+    attempts = pool.get_stats()["connections_num"]
+    # 1 s of backoff from 0.05 s, doubling (with jitter), one probe at a time:
+    # at most ~10 connect attempts in all for 50 waiters (the first burst
+    # starts up to MAX_CONNS at once). Per-waiter retries would make 50+.
+    assert attempts <= 10 + 8, attempts
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_waiters_are_served_in_arrival_order_once_failing_connects_recover(server):
+    pool = make_pool(max_size=2, connect_retries=0, connect_retry_delay=0.01, timeout=5.0)
+    server.failures_left = 5
+    served = []
+
+    def request(number):
+        lease = pool.checkout(server.open)
+        served.append(number)
+        gevent.sleep(0.001)
+        pool.checkin(lease)
+
+    waiters = []
+    for number in range(8):
+        waiters.append(gevent.spawn(request, number))
+        gevent.sleep(0)  # queue up in spawn order
+    gevent.joinall(waiters, raise_error=True)
+    assert served == list(range(8))
+    assert server.open_now <= 2
+    assert pool.get_stats()["connections_errors"] == 5
+
+
+def test_a_connect_that_never_ends_is_bounded_and_frees_its_slot():
+    hanging = Server(connect_delay=3600)
+    pool = make_pool(max_size=2, timeout=0.2, connect_timeout=0.4)
+    with pytest.raises(PoolTimeout, match="took more than|no connection available"):
+        pool.checkout(hanging.open)
+    # The connector outlived the checkout, bounded by its own deadline.
+    wait_until(lambda: pool.get_stats()["pool_size"] == 0, timeout=3)
+    assert pool.get_stats()["connections_errors"] >= 1
+
+
+def test_a_late_connect_serves_the_next_waiter():
+    slow = Server(connect_delay=0.3)
+    pool = make_pool(max_size=1, timeout=5.0)
+    with pytest.raises(PoolTimeout):
+        pool.checkout(slow.open, timeout=0.1)
+    # The connect goes on without its checkout, and the next checkout gets it.
+    lease = pool.checkout(slow.open, timeout=2)
+    assert len(slow.opened) == 1
+    assert lease.connection is slow.opened[0]
+
+
+class LimitedServer(Server):
+    """Refuses connects beyond ``limit`` open connections (a role's CONNECTION LIMIT)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def open(self, reconnect: bool) -> FakeConnection:
+        if self.open_now >= self.limit:
+            self.reconnect_flags.append(reconnect)
+            raise FakeConnectError("too many connections for role")
+        return super().open(reconnect)
+
+
+def test_the_pool_serves_with_what_the_server_grants(caplog):
+    limited = LimitedServer(limit=2)
+    pool = make_pool(max_size=6, timeout=5.0, connect_retries=0, connect_retry_delay=0.01)
+    served = []
+
+    def request(number):
+        lease = pool.checkout(limited.open)
+        gevent.sleep(0.002)
+        served.append(number)
+        pool.checkin(lease)
+
+    gevent.joinall([gevent.spawn(request, n) for n in range(60)], raise_error=True)
+    assert len(served) == 60
+    assert limited.open_now <= 2
+    stats = pool.get_stats()
+    assert stats["connections_capped"] == 1
+    assert sum("refused a connection with" in r.getMessage() for r in caplog.records) == 1
+    # It grows again when the server allows.
+    limited.limit = 4
+    holding = []
+
+    def hold():
+        lease = pool.checkout(limited.open)
+        holding.append(lease)
+        wait_until(lambda: len(holding) == 4)
+        pool.checkin(lease)
+
+    gevent.joinall([gevent.spawn(hold) for _ in range(4)], raise_error=True)
+    assert len({lease.connection for lease in holding}) == 4
+
+
+def test_an_error_that_is_not_the_servers_reaches_the_caller(server):
+    pool = make_pool(max_size=1)
+
+    def broken_hook(reconnect):
+        raise RuntimeError("secrets store is sealed")
+
+    with pytest.raises(RuntimeError, match="sealed"):
+        pool.checkout(broken_hook)
+    assert pool.get_stats()["pool_size"] == 0
+    assert pool.checkout(server.open, timeout=2).active
+
+
+def test_min_size_is_opened_in_the_background_and_kept(server):
+    pool = make_pool(max_size=4, min_size=2, max_idle=0.3, opener=server.open)
+    wait_until(lambda: pool.get_stats()["pool_available"] == 2)
+    assert pool.get_stats()["requests_num"] == 0
+    # Past MAX_IDLE, the sweeper keeps them (they are the minimum).
+    gevent.sleep(0.8)
+    assert pool.get_stats()["pool_available"] == 2
+    assert len(server.opened) == 2
+    # A lost one is replaced.
+    server.opened[0].server_goes_away()
+    wait_until(lambda: server.open_now == 2 and len(server.opened) == 3, timeout=5)
+    pool.close()
+
+
+def test_keepalive_pings_idle_connections(server):
+    pool = make_pool(max_size=2, keepalive_interval=0.3, opener=server.open)
+    pool.checkin(pool.checkout())
+    raw = server.opened[0]
+    wait_until(lambda: raw.pings >= 2, timeout=5)
+    assert pool.get_stats()["checks_keepalive"] >= 2
+    pool.close()
 
 
 def test_holder_greenlet_ending_without_checkin_is_reclaimed(server):

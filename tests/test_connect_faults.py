@@ -1,0 +1,266 @@
+"""Connect trouble: a checkout ends within POOL_TIMEOUT, and a refused connect makes it wait.
+
+* A listener that accepts TCP connections and never answers (a blackholed
+  address, a load balancer without a backend): every checkout ends with an
+  ``OperationalError`` within ``POOL_TIMEOUT`` (+ 0.5 s), and once the connects the
+  pool started reach their own deadline, every slot is free.
+* A role with ``CONNECTION LIMIT 4`` under ``MAX_CONNS=10``: requests queue on the
+  four connections the server grants, none fails, and the pool never holds more.
+* A frozen server (every process SIGSTOPped) with connections idle in the pool and
+  a round trip at every checkout: every checkout still ends within ``POOL_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+from time import monotonic
+
+import gevent
+import gevent.server
+import pytest
+from django.db import OperationalError, connections
+
+from django_db_geventpool import PoolTimeout, get_stats
+from tests.support.eventually import wait_until
+from tests.support.helpers import ServerConnectionSampler
+from tests.support.pgserver import PostgresCluster
+
+logger = logging.getLogger(__name__)
+
+
+def _add_alias(alias: str, **entry) -> None:
+    settings = copy.deepcopy(connections.settings["default"])
+    options = entry.pop("OPTIONS", {})
+    settings.update(entry)
+    settings["OPTIONS"] = {**settings["OPTIONS"], **options}
+    connections.settings[alias] = settings
+
+
+def _drop_alias(alias: str) -> None:
+    connections[alias].close()
+    connections[alias].close_pool()
+    del connections[alias]
+    del connections.settings[alias]
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP listener that accepts every connection and never sends a byte."""
+    accepted = []
+
+    def swallow(sock, address):
+        accepted.append(address)
+        try:
+            sock.recv(65536)  # the startup packet; then silence until closed
+            gevent.sleep(3600)
+        finally:
+            sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), swallow)
+    server.start()
+    try:
+        yield server, accepted
+    finally:
+        server.stop(timeout=1)
+
+
+def test_a_server_that_never_answers_ends_every_checkout_in_time(silent_listener):
+    server, accepted = silent_listener
+    alias = "silent"
+    # No connect_timeout in OPTIONS: the pool's own deadline must bound the connects.
+    _add_alias(
+        alias, HOST="127.0.0.1", PORT=str(server.server_port),
+        OPTIONS={"MAX_CONNS": 5, "POOL_TIMEOUT": 1.0},
+    )
+    try:
+        outcomes: list[tuple[float, BaseException | None]] = []
+
+        def request() -> None:
+            started = monotonic()
+            try:
+                connections[alias].ensure_connection()
+                error = None
+            except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+                error = exc
+            finally:
+                connections[alias].close()
+            outcomes.append((monotonic() - started, error))
+
+        gevent.joinall([gevent.spawn(request) for _ in range(20)], timeout=30)
+        logger.info(
+            "never answering: %d outcomes, durations %.2f..%.2fs, errors %s",
+            len(outcomes), min(d for d, _ in outcomes), max(d for d, _ in outcomes),
+            {type(e).__name__ for _, e in outcomes},
+        )
+        assert len(outcomes) == 20
+        for duration, error in outcomes:
+            assert isinstance(error, OperationalError), error
+            assert duration < 1.0 + 0.5, duration
+        assert accepted, "the pool never tried to connect"
+        # The connects the pool started end at their own deadline and free their slots.
+        wait_until(lambda: get_stats(alias)["pool_size"] == 0, timeout=10)
+        stats = get_stats(alias)
+        assert stats["requests_waiting"] == 0
+        assert stats["pool_opening"] == 0
+        assert stats["requests_errors"] == 20
+        assert stats["connections_errors"] >= 1
+    finally:
+        _drop_alias(alias)
+
+
+@pytest.fixture
+def limited_role(cluster):
+    """A role the server lets open 4 connections, and an alias logging in as it."""
+    role, alias = "geventpool_limited", "limited"
+    cluster.psql(f"DROP ROLE IF EXISTS {role}")
+    cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 4")
+    _add_alias(
+        alias, USER=role, PASSWORD="limited",
+        OPTIONS={"MAX_CONNS": 10, "POOL_TIMEOUT": 10.0, "application_name": "geventpool-limited"},
+    )
+    try:
+        yield alias
+    finally:
+        _drop_alias(alias)
+        cluster.psql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        )
+        wait_until(lambda: cluster.psql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'") == "0")
+        cluster.psql(f"DROP ROLE {role}")
+
+
+def test_the_pool_serves_with_the_connections_the_server_grants(limited_role, caplog):
+    alias = limited_role
+    caplog.set_level(logging.WARNING, logger="django_db_geventpool.pool")
+    failures: list[BaseException] = []
+    served = []
+
+    def worker() -> None:
+        for _ in range(10):
+            try:
+                with connections[alias].cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    served.append(cursor.fetchone()[0])
+            except Exception as exc:  # noqa: BLE001 - recorded and checked below
+                failures.append(exc)
+            finally:
+                connections[alias].close()
+
+    started = monotonic()
+    with ServerConnectionSampler("geventpool-limited") as sampler:
+        gevent.joinall([gevent.spawn(worker) for _ in range(50)], timeout=60, raise_error=True)
+    stats = get_stats(alias)
+    logger.info(
+        "role limit 4, MAX_CONNS=10: %d served, %d failed in %.2fs; peak %d server "
+        "connections; stats %s", len(served), len(failures), monotonic() - started,
+        sampler.peak, stats,
+    )
+    assert failures == []
+    assert len(served) == 500
+    assert 1 <= sampler.peak <= 4
+    assert len(set(served)) <= 4 + stats["connections_lost"]
+    # Said once, and counted.
+    assert stats["connections_capped"] >= 1
+    capped = [r for r in caplog.records if "requests queue on those" in r.getMessage()]
+    assert len(capped) == stats["connections_capped"]
+    assert stats["connections_errors"] >= 1
+
+
+def _server_pids(cluster: PostgresCluster) -> list[int]:
+    """The postmaster and every process it started (backends, background workers)."""
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def frozen_cluster():
+    server = PostgresCluster()
+    server.start()
+    server.psql("CREATE DATABASE geventpool_test")
+    _add_alias(
+        "frozen", HOST=server.host, PORT=str(server.port),
+        # A round trip at every checkout: the one a frozen server never answers.
+        OPTIONS={"MAX_CONNS": 4, "POOL_TIMEOUT": 1.0, "HEALTH_CHECK_DELAY": 0},
+    )
+    stopped: list[int] = []
+    try:
+        yield server, stopped
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        _drop_alias("frozen")
+        server.destroy()
+
+
+def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
+    server, stopped = frozen_cluster
+    alias = "frozen"
+
+    def hold_all() -> None:
+        held = []
+
+        def hold() -> None:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            held.append(1)
+            wait_until(lambda: len(held) == 4)
+            connections[alias].close()
+
+        gevent.joinall([gevent.spawn(hold) for _ in range(4)], raise_error=True)
+
+    hold_all()
+    assert get_stats(alias)["pool_available"] == 4
+    # SIGSTOP, as a frozen VM or a stuck storage layer looks from the client.
+    pids = _server_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped.extend(pids)
+
+    outcomes: list[tuple[float, BaseException | None]] = []
+
+    def request() -> None:
+        started = monotonic()
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+            error = exc
+        finally:
+            connections[alias].close()
+        outcomes.append((monotonic() - started, error))
+
+    gevent.joinall([gevent.spawn(request) for _ in range(12)], timeout=30)
+    logger.info(
+        "frozen server: %d outcomes, durations %.2f..%.2fs, errors %s", len(outcomes),
+        min(d for d, _ in outcomes), max(d for d, _ in outcomes),
+        sorted({f"{type(e).__name__}: {str(e)[:100]}" for _, e in outcomes}),
+    )
+    assert len(outcomes) == 12
+    for duration, error in outcomes:
+        assert isinstance(error, OperationalError), error
+        assert duration < 1.0 + 0.5, duration
+
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    stopped.clear()
+    # Thawed: the pool serves again (the connects it started ended at their deadline).
+    wait_until(lambda: get_stats(alias)["pool_opening"] == 0, timeout=10)
+    hold_all()
+    assert get_stats(alias)["pool_size"] <= 4
