@@ -281,17 +281,20 @@ def test_a_cursor_from_an_atomic_block_runs_on_the_next_connection(tx_pool):
     # Held by another greenlet: the cursor's old connection is someone else's.
     other_holds = Event()
     release_other = Event()
+    other_pid = []
 
     def other():
         with transaction.atomic():
+            other_pid.append(pid_of_statement())
             other_holds.set()
-            pid_of_statement()
             release_other.wait(timeout=10)
 
     greenlet = gevent.spawn(run, other)
     other_holds.wait(timeout=10)
     cursor.execute("SELECT pg_backend_pid(), 2")
-    assert cursor.fetchone()[1] == 2
+    pid, two = cursor.fetchone()
+    assert two == 2
+    assert pid != other_pid[0]  # not on the connection the other greenlet holds
     release_other.set()
     greenlet.get(timeout=10)
     assert held() == 0

@@ -6,7 +6,7 @@ from django.http import HttpResponseForbidden
 from django.urls import path
 
 from django_db_geventpool.views import stats_view
-from shop.views import product_summary
+from shop.views import product_summary, summary_with_wait
 
 
 def loopback_only(view):
@@ -26,5 +26,6 @@ def loopback_only(view):
 
 urlpatterns = [
     path("products/summary", product_summary),
+    path("products/summary-with-wait", summary_with_wait),
     path("pool/stats", loopback_only(stats_view)),
 ]
