@@ -89,6 +89,11 @@ REFERENCES: dict[str, Reference] = {
             options={"HEALTH_CHECK_DELAY": 0},
         ),
         Reference(
+            "ours[psycopg3,tx]", "bench-psycopg3", "psycopg3", "ours",
+            'this package, psycopg 3, MAX_CONNS=10, POOL_MODE="transaction"',
+            options={"POOL_MODE": "transaction"},
+        ),
+        Reference(
             "ours[psycopg2]", "bench-psycopg2", "psycopg2", "ours",
             "this package, psycopg2 + psycogreen, MAX_CONNS=10, HEALTH_CHECK_DELAY default (1 s)",
         ),
@@ -96,6 +101,11 @@ REFERENCES: dict[str, Reference] = {
             "ours[psycopg2,hc=0]", "bench-psycopg2", "psycopg2", "ours",
             "this package, psycopg2 + psycogreen, MAX_CONNS=10, HEALTH_CHECK_DELAY=0",
             options={"HEALTH_CHECK_DELAY": 0},
+        ),
+        Reference(
+            "ours[psycopg2,tx]", "bench-psycopg2", "psycopg2", "ours",
+            'this package, psycopg2 + psycogreen, MAX_CONNS=10, POOL_MODE="transaction"',
+            options={"POOL_MODE": "transaction"},
         ),
     )
 }
