@@ -92,6 +92,19 @@ def run_worker(ref: Reference, db: dict, sizes: Sizes, output: Path, python: str
     return run_worker_process(ref, config, label=ref.name, python=python, timeout=timeout)
 
 
+def split_names(text: str) -> list[str]:
+    """``"a,ours[psycopg3,tx]"`` -> ``["a", "ours[psycopg3,tx]"]``: commas inside brackets stay."""
+    names, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += char
+    return [name for name in names + [current] if name]
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     refs = list(REFERENCES.values())
     if args.only:
-        wanted = args.only.split(",")
+        wanted = split_names(args.only)
         unknown = [w for w in wanted if w not in REFERENCES]
         if unknown:
             parser.error(f"unknown references {unknown}; known: {list(REFERENCES)}")
