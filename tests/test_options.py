@@ -123,6 +123,15 @@ def test_transaction_mode_refuses_autocommit_off():
     parse_pool_settings("reporting", {**_settings(POOL_MODE="session"), "AUTOCOMMIT": False})
 
 
+def test_transaction_mode_combines_with_transaction_pooling():
+    # pgbouncer's rules still apply: server-side cursors stay refused behind it.
+    both = _settings(POOL_MODE="transaction", TRANSACTION_POOLING=True)
+    with pytest.raises(ImproperlyConfigured, match="DISABLE_SERVER_SIDE_CURSORS"):
+        parse_pool_settings("default", both)
+    settings = parse_pool_settings("default", {**both, "DISABLE_SERVER_SIDE_CURSORS": True})
+    assert settings.pool_mode == "transaction" and settings.transaction_pooling
+
+
 def test_defaults_follow_the_design():
     settings = parse_pool_settings("default", _settings())
     assert settings.max_conns == 4

@@ -559,3 +559,57 @@ def test_a_greenlet_killed_during_a_statement_loses_that_connection(tx_pool):
     # Discarded, never reused (as in session mode).
     assert pid_of_statement() != pids[0]
     assert get_stats()["connections_num"] == 2
+
+
+# -- Django code no test above names ----------------------------------------------------------
+
+
+def test_everyday_django_code_runs_and_gives_back(tx_pool):
+    """A sweep of ORM and connection APIs, with a second greenlet sharing MAX_CONNS=1."""
+    from django.core.management import call_command
+    from django.db.models import Count, F, Max
+
+    from gevent.lock import Semaphore
+
+    tx_pool(MAX_CONNS=1)
+    stop = Event()
+    other_statements = []
+    # Held by the other greenlet around each of its statements, and by the test
+    # while it counts what is checked out (which must then be nothing).
+    between = Semaphore()
+
+    def other():
+        while not stop.is_set():
+            with between:
+                other_statements.append(pid_of_statement())
+            gevent.sleep(0.001)
+
+    greenlet = gevent.spawn(run, other)
+    try:
+        steps = [
+            lambda: Item.objects.get_or_create(name="sweep", defaults={"value": 1}),
+            lambda: Item.objects.get_or_create(name="sweep", defaults={"value": 1}),
+            lambda: Item.objects.filter(name="sweep").update(value=F("value") + 1),
+            lambda: Item.objects.aggregate(Max("value"), Count("id")),
+            lambda: list(Item.objects.values("name").annotate(n=Count("id")).order_by("name")),
+            lambda: list(Item.objects.raw("SELECT * FROM testapp_item WHERE name = %s", ["sweep"])),
+            lambda: Item.objects.filter(name="sweep").explain(),
+            lambda: Item.objects.in_bulk(field_name="id"),
+            lambda: list(Item.objects.filter(name="sweep").values_list("value", flat=True)),
+            lambda: connection.introspection.table_names(),
+            lambda: call_command("migrate", verbosity=0),
+            lambda: Item.objects.filter(name="sweep").first().save(),
+        ]
+        for number, step in enumerate(steps):
+            step()
+            with between:
+                assert held() == 0, number
+        with pytest.raises(transaction.TransactionManagementError):
+            list(Item.objects.select_for_update().filter(name="sweep"))
+        assert held() == 0
+    finally:
+        stop.set()
+        greenlet.get(timeout=10)
+    assert Item.objects.get(name="sweep").value == 2
+    assert other_statements and get_stats()["requests_errors"] == 0
+    assert get_stats()["connections_num"] == 1
