@@ -8,6 +8,7 @@ that checks a release fails when `PoolModeMixin._release_if_idle` does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import zoneinfo
 
@@ -15,7 +16,7 @@ import gevent
 import pytest
 from django.core.signals import request_finished, request_started
 from django.db import connection, transaction
-from django.db.backends.postgresql.psycopg_any import IsolationLevel
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.backends.signals import connection_created
 from django.test.utils import CaptureQueriesContext
 from gevent.event import Event
@@ -613,3 +614,23 @@ def test_everyday_django_code_runs_and_gives_back(tx_pool):
     assert Item.objects.get(name="sweep").value == 2
     assert other_statements and get_stats()["requests_errors"] == 0
     assert get_stats()["connections_num"] == 1
+
+
+if is_psycopg3:
+    # psycopg2 cannot COPY at all with a wait callback (psycogreen): psycopg 3 only.
+
+    @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug-cursor"])
+    def test_copy_after_a_release_runs_on_a_checked_out_connection(tx_pool, debug):
+        tx_pool(MAX_CONNS=1)
+        sql = "COPY (SELECT g FROM generate_series(1, 3) g) TO STDOUT"
+        with CaptureQueriesContext(connection) if debug else contextlib.nullcontext():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                assert held() == 0
+                with cursor.copy(sql) as copy:
+                    rows = [bytes(row).decode().strip() for row in copy]
+                # COPY does not end the use: held until the wrapper closes.
+                assert held() == 1
+        assert rows == ["1", "2", "3"]
+        connection.close()
+        assert held() == 0
