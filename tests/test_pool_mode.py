@@ -1,7 +1,7 @@
 """POOL_MODE="transaction": a wrapper holds a server connection only while it uses one.
 
 Both drivers run this file. "Given back" is observed from the pool's side
-(`held`: connections checked out right now) and from the server's
+(`held`: connections checked out, as another greenlet sees it) and from the server's
 (``pg_stat_activity``), never from the wrapper's private state alone. Every test
 that checks a release fails when `PoolModeMixin._release_if_idle` does nothing.
 """
@@ -31,7 +31,12 @@ ROLE = "geventpool_pool_mode_role"
 
 
 def held() -> int:
-    """Connections checked out of the default pool right now."""
+    """Connections checked out of the default pool, as any other greenlet sees it.
+
+    A release happens as soon as the greenlet that used the connection waits on
+    anything: yield once, as any wait would, before looking.
+    """
+    gevent.sleep(0)
     stats = get_stats()
     return stats["pool_size"] - stats["pool_available"]
 
@@ -101,6 +106,21 @@ def test_two_greenlets_share_one_connection_between_their_statements(tx_pool):
     stats = get_stats()
     assert stats["connections_num"] == 1 and stats["requests_errors"] == 0
     assert held() == 0
+
+
+def test_statements_without_a_wait_between_them_share_one_checkout(tx_pool):
+    """The release waits for the greenlet's next wait: back-to-back statements cost one checkout."""
+    tx_pool(MAX_CONNS=1)
+    pid_of_statement()
+    assert held() == 0
+    checkouts = get_stats()["requests_num"]
+    pids = {pid_of_statement() for _ in range(5)}
+    assert get_stats()["requests_num"] == checkouts + 1 and len(pids) == 1
+    assert held() == 0  # the first wait gives it back
+    for _ in range(3):
+        pid_of_statement()
+        gevent.sleep(0.001)  # an external wait: a checkout per statement
+    assert get_stats()["requests_num"] == checkouts + 4
 
 
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
@@ -263,6 +283,7 @@ def test_a_cursor_taken_before_a_release_stays_usable(tx_pool):
     cursor.execute("SELECT g, pg_backend_pid() FROM generate_series(1, 3) g")
     assert held() == 0
     first_pid = pid_of_statement()  # another checkout in between
+    assert held() == 0
     assert cursor.fetchone()[0] == 1
     assert [row[0] for row in cursor.fetchall()] == [2, 3]
     cursor.execute("SELECT pg_backend_pid()")  # runs on whatever is checked out now
@@ -445,7 +466,8 @@ def test_assume_role_on_every_statement(tx_pool, role, reset_query):
         with connection.cursor() as cursor:
             cursor.execute("SELECT current_user")
             assert cursor.fetchone()[0] == role
-        assert held() == 0
+        # With a reset query the return runs in a greenlet of its own (it waits on the server).
+        wait_until(lambda: held() == 0)
     assert get_stats()["connections_num"] == 1
 
 

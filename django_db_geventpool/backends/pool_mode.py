@@ -29,16 +29,20 @@ exactly where it lasts.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import weakref
 from typing import Any
 
 from django.db.backends.base.base import NO_DB_ALIAS
+from gevent import get_hub, spawn
 from django.db.backends.signals import connection_created
 
 from .. import registry
 
 __all__ = ["PoolModeMixin", "SESSION", "TRANSACTION", "POOL_MODES"]
+
+logger = logging.getLogger(__name__)
 
 SESSION = "session"
 TRANSACTION = "transaction"
@@ -94,15 +98,21 @@ class _ReleasingCursor:
         return self._run(super().callproc, procname, params, kparams)  # type: ignore[misc]
 
     def _run(self, method: Any, *args: Any) -> Any:
-        self._attach()
         db = self.db  # type: ignore[attr-defined]
+        db._in_use += 1
         try:
+            self._attach()
             result = method(*args)
         except Exception:
+            db._in_use -= 1
             # A failed statement (not an interrupted one: GreenletExit and
             # gevent.Timeout keep today's handling) ends its use too.
             db._release_if_idle(None)
             raise
+        except BaseException:
+            db._in_use -= 1
+            raise
+        db._in_use -= 1
         db._release_if_idle(self)
         return result
 
@@ -206,6 +216,11 @@ class PoolModeMixin:
     # Open server-side cursors of this checkout (weak: a cursor dropped without
     # close() no longer pins the connection once collected).
     _server_cursors: weakref.WeakSet[Any] | None = None
+    # Uses in progress (a statement, a checkout's set-up): never released meanwhile.
+    _in_use = 0
+    # The lease whose release is queued in the hub, and the cursor of its last statement.
+    _release_scheduled: Any = None
+    _last_cursor: Any = None
 
     # -- the raw connection: reading it from outside Django pins it -----------
 
@@ -268,7 +283,11 @@ class PoolModeMixin:
         self.connection = self.get_new_connection({})  # type: ignore[attr-defined]
         self._releasing = True
         self.autocommit = True
-        self.init_connection_state()  # type: ignore[attr-defined]
+        self._in_use += 1  # the session set-up below may wait on the server
+        try:
+            self.init_connection_state()  # type: ignore[attr-defined]
+        finally:
+            self._in_use -= 1
         self.run_on_commit: list[Any] = []
 
     def get_autocommit(self) -> bool:
@@ -314,26 +333,59 @@ class PoolModeMixin:
 
     # -- giving back ----------------------------------------------------------------
 
-    def _release_if_idle(self, cursor: Any) -> None:
-        """Give the connection back if nothing needs it; ``cursor`` ran the last statement."""
-        lease = self._pool_lease
-        if (
-            lease is None
+    def _releasable(self) -> bool:
+        """True if nothing needs the connection this checkout holds."""
+        return not (
+            self._in_use
             or not self._releasing
             or self.in_atomic_block  # type: ignore[has-type]
             or not self.autocommit  # type: ignore[has-type]
             or self._raw_pinned
             or self._server_cursors
-        ):
+        )
+
+    def _release_if_idle(self, cursor: Any) -> None:
+        """Give the connection back once this greenlet next waits, if nothing needs it then.
+
+        Called when a use ends (a statement, a server-side cursor, a transaction);
+        ``cursor`` ran the last statement. The release runs as a hub callback, that
+        is as soon as the greenlet waits on anything (an HTTP call, a sleep, a
+        lock) and before any other greenlet runs: statements that follow each
+        other without a wait share one checkout, as in session mode, and a
+        greenlet that waits holds nothing.
+        """
+        lease = self._pool_lease
+        if lease is None or not self._releasable():
             return
-        if cursor is not None and self._buffers_results:
-            raw_cursor = cursor.cursor
-            if raw_cursor.description is not None and not isinstance(raw_cursor, _FetchedRows):
-                cursor.cursor = _FetchedRows(raw_cursor)
-        self._end_pool_mode_checkout()
-        self._pool_lease = None
-        self.connection = None
-        lease.pool.checkin(lease)
+        self._last_cursor = None if cursor is None else weakref.ref(cursor)
+        if self._release_scheduled is not lease:
+            self._release_scheduled = lease
+            get_hub().loop.run_callback(self._release_when_idle, lease)
+
+    def _release_when_idle(self, lease: Any) -> None:
+        # Runs in the hub, while the greenlet that holds the lease waits.
+        self._release_scheduled = None
+        if self._pool_lease is not lease or not self._releasable():
+            return  # closed meanwhile, or in use again (its next use schedules anew)
+        try:
+            last, self._last_cursor = self._last_cursor, None
+            cursor = last() if last is not None else None
+            if cursor is not None and self._buffers_results:
+                raw_cursor = cursor.cursor
+                if (not isinstance(raw_cursor, _FetchedRows) and not raw_cursor.closed
+                        and raw_cursor.description is not None):
+                    cursor.cursor = _FetchedRows(raw_cursor)
+            self._end_pool_mode_checkout()
+            self._pool_lease = None
+            self.connection = None
+            pool = lease.pool
+            if pool.reset_query or pool.driver.transaction_status(lease.connection) != 0:
+                # A return that does I/O (reset query, rollback) cannot run in the hub.
+                spawn(pool.checkin, lease)
+            else:
+                pool.checkin(lease)
+        except Exception:
+            logger.exception("pool %r: giving a connection back failed", lease.pool.name)
 
     @property
     def _buffers_results(self) -> bool:
@@ -344,6 +396,7 @@ class PoolModeMixin:
         self._releasing = False
         self._raw_pinned = False
         self._server_cursors = None
+        self._last_cursor = None
 
     def _announce_server_connection(self, raw: Any) -> None:
         """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
