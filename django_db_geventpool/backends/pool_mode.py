@@ -3,17 +3,24 @@
 In session mode (the default) a Django ``DatabaseWrapper`` keeps the pooled
 connection it checked out until Django closes it (end of request). In
 transaction mode it gives the connection back to the pool as soon as it needs
-none, and checks one out again at its next statement:
+none, and checks one out again at its next statement. A use ends:
 
 * after each statement run in autocommit outside ``atomic()``;
 * when the outermost ``atomic()`` block ends, after its ``on_commit`` callbacks
   (Django turns autocommit back on and runs them there), and when
-  ``set_autocommit(True)`` ends a manual transaction.
+  ``set_autocommit(True)`` ends a manual transaction;
+* when the last open server-side cursor is closed.
+
+The connection then goes back when the greenlet next waits on anything (a hub
+callback queued at the end of the use runs before any other greenlet does), so
+statements that follow each other without a wait share one checkout, as in
+session mode, and a greenlet that waits (an HTTP call, a sleep, a lock) holds
+nothing. No other greenlet can tell the difference from an immediate release.
 
 It keeps the connection while a transaction is open (``atomic()``, autocommit
 off), while a server-side cursor (``QuerySet.iterator()``) is open, and for the
-rest of the wrapper's life once code outside Django and this package has read
-the raw driver connection (``connection.connection``): such code may keep
+rest of the wrapper's checkout once code outside Django and this package has
+read the raw driver connection (``connection.connection``): such code may keep
 using it, so the wrapper must not hand it to another greenlet.
 
 Guarantees kept from session mode: the cap, ``POOL_TIMEOUT``, the health check
