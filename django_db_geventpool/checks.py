@@ -12,8 +12,8 @@ its name length limits). A project whose default alias uses another ENGINE can a
 ``django_db_geventpool.E004``    psycopg 3 imported before gevent patched ``select``
 ``django_db_geventpool.W001``    ``CONN_MAX_AGE`` is not 0 (it has no effect: the pool keeps idle connections)
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
-``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (each request holds its connection)
-``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (a round trip after every statement)
+``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (no release)
+``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (a round trip each)
 ===============================  ======================================================
 
 W002 needs the server: it runs when checks are given databases (``check --database

@@ -158,7 +158,8 @@ def test_bulk_create_and_update_or_create(tx_pool):
     obj, created = Item.objects.update_or_create(name="uoc", defaults={"value": 7})
     assert not created and held() == 0
     assert Item.objects.get(name="uoc").value == 7
-    assert sorted(Item.objects.filter(name="bulk").values_list("value", flat=True)) == list(range(5))
+    values = Item.objects.filter(name="bulk").values_list("value", flat=True)
+    assert sorted(values) == list(range(5))
     assert held() == 0
 
 

@@ -281,7 +281,8 @@ class PoolModeMixin:
         self.savepoint_ids: list[Any] = []
         self.atomic_blocks: list[Any] = []
         self.needs_rollback = False
-        self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]  # type: ignore[attr-defined]
+        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        self.health_check_enabled = settings_dict["CONN_HEALTH_CHECKS"]
         self.close_at = None
         self.closed_in_transaction = False
         self.errors_occurred = False
