@@ -134,13 +134,13 @@ def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
 
 def test_orm_reads_and_writes_give_the_connection_back_after_each_statement(tx_pool):
     tx_pool()
-    item = Item.objects.create(name="a", value=1)
+    item = Item.objects.create(name="pm-a", value=1)
     assert held() == 0
     Item.objects.filter(pk=item.pk).update(value=2)
     assert held() == 0
     assert Item.objects.get(pk=item.pk).value == 2
     assert held() == 0
-    assert list(Item.objects.filter(name="a").values_list("value", flat=True)) == [2]
+    assert list(Item.objects.filter(name="pm-a").values_list("value", flat=True)) == [2]
     assert held() == 0
     Item.objects.filter(pk=item.pk).delete()
     assert held() == 0
@@ -151,21 +151,21 @@ def test_orm_reads_and_writes_give_the_connection_back_after_each_statement(tx_p
 
 def test_bulk_create_and_update_or_create(tx_pool):
     tx_pool()
-    Item.objects.bulk_create([Item(name="bulk", value=i) for i in range(5)])
+    Item.objects.bulk_create([Item(name="pm-bulk", value=i) for i in range(5)])
     assert held() == 0
-    obj, created = Item.objects.update_or_create(name="uoc", defaults={"value": 1})
+    obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 1})
     assert created and held() == 0
-    obj, created = Item.objects.update_or_create(name="uoc", defaults={"value": 7})
+    obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 7})
     assert not created and held() == 0
-    assert Item.objects.get(name="uoc").value == 7
-    values = Item.objects.filter(name="bulk").values_list("value", flat=True)
+    assert Item.objects.get(name="pm-uoc").value == 7
+    values = Item.objects.filter(name="pm-bulk").values_list("value", flat=True)
     assert sorted(values) == list(range(5))
     assert held() == 0
 
 
 def test_select_for_update_inside_atomic_holds_one_connection_until_the_end(tx_pool):
     tx_pool(MAX_CONNS=2)
-    item = Item.objects.create(name="locked", value=0)
+    item = Item.objects.create(name="pm-locked", value=0)
     with transaction.atomic():
         locked = Item.objects.select_for_update().get(pk=item.pk)
         assert held() == 1
@@ -188,26 +188,26 @@ def test_select_for_update_inside_atomic_holds_one_connection_until_the_end(tx_p
 def test_nested_atomic_with_savepoints(tx_pool):
     tx_pool()
     with transaction.atomic():
-        Item.objects.create(name="outer")
+        Item.objects.create(name="pm-outer")
         try:
             with transaction.atomic():
-                Item.objects.create(name="inner")
+                Item.objects.create(name="pm-inner")
                 assert held() == 1
                 raise ValueError("roll back the savepoint")
         except ValueError:
             pass
         with transaction.atomic():
-            Item.objects.create(name="inner-kept")
+            Item.objects.create(name="pm-inner-kept")
         assert held() == 1
     assert held() == 0
-    assert sorted(Item.objects.filter(name__in=["outer", "inner", "inner-kept"])
-                  .values_list("name", flat=True)) == ["inner-kept", "outer"]
+    assert sorted(Item.objects.filter(name__in=["pm-outer", "pm-inner", "pm-inner-kept"])
+                  .values_list("name", flat=True)) == ["pm-inner-kept", "pm-outer"]
 
 
 def test_durable_atomic(tx_pool):
     tx_pool()
     with transaction.atomic(durable=True):
-        Item.objects.create(name="durable")
+        Item.objects.create(name="pm-durable")
         assert held() == 1
     assert held() == 0
     with pytest.raises(RuntimeError, match="durable"):
@@ -215,7 +215,7 @@ def test_durable_atomic(tx_pool):
             with transaction.atomic(durable=True):
                 pass
     assert held() == 0
-    assert Item.objects.filter(name="durable").count() == 1
+    assert Item.objects.filter(name="pm-durable").count() == 1
 
 
 def test_on_commit_callbacks_run_after_commit_and_may_query(tx_pool):
@@ -223,18 +223,18 @@ def test_on_commit_callbacks_run_after_commit_and_may_query(tx_pool):
     seen = []
 
     def callback():
-        seen.append(("count", Item.objects.filter(name="committed").count(), held()))
-        Item.objects.create(name="from-callback")
+        seen.append(("count", Item.objects.filter(name="pm-committed").count(), held()))
+        Item.objects.create(name="pm-from-callback")
 
     with transaction.atomic():
-        Item.objects.create(name="committed")
+        Item.objects.create(name="pm-committed")
         transaction.on_commit(callback)
         transaction.on_commit(lambda: seen.append(("plain", held())))
         assert seen == []
     # The callback's queries ran in autocommit; nothing is held once they are done.
     assert seen == [("count", 1, 0), ("plain", 0)]
     assert held() == 0
-    assert Item.objects.filter(name="from-callback").count() == 1
+    assert Item.objects.filter(name="pm-from-callback").count() == 1
     # Outside atomic() on_commit runs at once, without checking a connection out.
     requests_before = get_stats()["requests_num"]
     transaction.on_commit(lambda: seen.append("immediate"))
@@ -248,29 +248,29 @@ def test_rolled_back_atomic_gives_back_and_drops_callbacks(tx_pool):
     seen = []
     with pytest.raises(ValueError):
         with transaction.atomic():
-            Item.objects.create(name="rolled-back")
+            Item.objects.create(name="pm-rolled-back")
             transaction.on_commit(lambda: seen.append(1))
             raise ValueError
     assert seen == [] and held() == 0
-    assert not Item.objects.filter(name="rolled-back").exists()
+    assert not Item.objects.filter(name="pm-rolled-back").exists()
 
 
 def test_manual_transactions_hold_until_autocommit_is_back(tx_pool):
     tx_pool()
     transaction.set_autocommit(False)
     try:
-        Item.objects.create(name="manual-rollback")
+        Item.objects.create(name="pm-manual-rollback")
         assert held() == 1
         transaction.rollback()
         assert held() == 1  # still in manual mode: the next statement opens a transaction
-        Item.objects.create(name="manual-commit")
+        Item.objects.create(name="pm-manual-commit")
         transaction.commit()
         assert held() == 1
     finally:
         transaction.set_autocommit(True)
     assert held() == 0
-    names = set(Item.objects.filter(name__startswith="manual-").values_list("name", flat=True))
-    assert names == {"manual-commit"}
+    names = set(Item.objects.filter(name__startswith="pm-manual-").values_list("name", flat=True))
+    assert names == {"pm-manual-commit"}
 
 
 # -- cursors -----------------------------------------------------------------------------
@@ -325,10 +325,10 @@ def test_a_cursor_from_an_atomic_block_runs_on_the_next_connection(tx_pool):
 
 def test_server_side_cursor_pins_until_exhausted(tx_pool):
     tx_pool(MAX_CONNS=1)
-    Item.objects.bulk_create([Item(name="iter", value=i) for i in range(10)])
+    Item.objects.bulk_create([Item(name="pm-iter", value=i) for i in range(10)])
     seen_held = []
     values = []
-    for item in Item.objects.filter(name="iter").order_by("value").iterator(chunk_size=2):
+    for item in Item.objects.filter(name="pm-iter").order_by("value").iterator(chunk_size=2):
         values.append(item.value)
         seen_held.append(held())
     assert values == list(range(10))
@@ -338,12 +338,12 @@ def test_server_side_cursor_pins_until_exhausted(tx_pool):
 
 def test_server_side_cursor_pins_until_closed(tx_pool):
     tx_pool(MAX_CONNS=1)
-    Item.objects.bulk_create([Item(name="iter2", value=i) for i in range(10)])
-    iterator = Item.objects.filter(name="iter2").iterator(chunk_size=2)
+    Item.objects.bulk_create([Item(name="pm-iter2", value=i) for i in range(10)])
+    iterator = Item.objects.filter(name="pm-iter2").iterator(chunk_size=2)
     next(iterator)
     assert held() == 1
     # The same greenlet's other statements run on the pinned connection meanwhile.
-    assert Item.objects.filter(name="iter2").count() == 10
+    assert Item.objects.filter(name="pm-iter2").count() == 10
     assert held() == 1
     iterator.close()
     assert held() == 0
@@ -354,9 +354,9 @@ def test_iterator_without_server_side_cursors(tx_pool):
 
     tx_pool(MAX_CONNS=1)
     connections.settings["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
-    Item.objects.bulk_create([Item(name="iter3", value=i) for i in range(7)])
+    Item.objects.bulk_create([Item(name="pm-iter3", value=i) for i in range(7)])
     values = []
-    for item in Item.objects.filter(name="iter3").order_by("value").iterator(chunk_size=2):
+    for item in Item.objects.filter(name="pm-iter3").order_by("value").iterator(chunk_size=2):
         values.append(item.value)
         assert held() == 0
     assert values == list(range(7))
@@ -384,13 +384,13 @@ def test_raw_connection_access_pins_until_the_wrapper_is_closed(tx_pool):
 def test_queries_are_logged_under_debug(tx_pool):
     tx_pool()
     with CaptureQueriesContext(connection) as captured:
-        Item.objects.create(name="logged")
-        Item.objects.filter(name="logged").count()
+        Item.objects.create(name="pm-logged")
+        Item.objects.filter(name="pm-logged").count()
         assert held() == 0
     sqls = [q["sql"] for q in captured.captured_queries]
     assert len(sqls) == 2
-    assert sqls[0].startswith("INSERT") and "'logged'" in sqls[0]
-    assert "COUNT(*)" in sqls[1] and "'logged'" in sqls[1]
+    assert sqls[0].startswith("INSERT") and "'pm-logged'" in sqls[0]
+    assert "COUNT(*)" in sqls[1] and "'pm-logged'" in sqls[1]
 
 
 def test_connection_created_once_per_server_connection(tx_pool):
@@ -440,7 +440,7 @@ def test_session_time_zone(tx_pool):
             assert stamp == datetime.datetime(2020, 1, 1, 21, tzinfo=tokyo)
             assert held() == 0
         stamp = datetime.datetime(2021, 5, 6, 7, 8, tzinfo=datetime.timezone.utc)
-        item = Item.objects.create(name="tz", stamp=stamp)
+        item = Item.objects.create(name="pm-tz", stamp=stamp)
         assert Item.objects.get(pk=item.pk).stamp == stamp
         assert held() == 0
 
@@ -512,12 +512,12 @@ def test_close_connection_gives_back_what_an_atomic_block_holds(tx_pool):
     def task():
         atomic = transaction.atomic()
         atomic.__enter__()  # left open: close_connection must still give it back
-        Item.objects.create(name="never-committed")
+        Item.objects.create(name="pm-never-committed")
         inside.set()
 
     gevent.spawn(task).get(timeout=10)
     assert inside.is_set() and held() == 0
-    assert not Item.objects.filter(name="never-committed").exists()
+    assert not Item.objects.filter(name="pm-never-committed").exists()
 
 
 def test_a_greenlet_killed_between_statements_holds_nothing(tx_pool):
@@ -544,7 +544,7 @@ def test_a_greenlet_killed_inside_atomic_is_rolled_back_as_today(tx_pool):
 
     def request():
         with transaction.atomic():
-            Item.objects.create(name="killed-in-atomic")
+            Item.objects.create(name="pm-killed-in-atomic")
             inside.set()
             gevent.sleep(30)
 
@@ -556,7 +556,7 @@ def test_a_greenlet_killed_inside_atomic_is_rolled_back_as_today(tx_pool):
     # the pool reclaims the connection when the greenlet is gone: either way the
     # insert is undone and the connection is back.
     wait_until(lambda: held() == 0)
-    assert not Item.objects.filter(name="killed-in-atomic").exists()
+    assert not Item.objects.filter(name="pm-killed-in-atomic").exists()
     assert get_stats()["connections_num"] == 1
 
 
@@ -611,30 +611,31 @@ def test_everyday_django_code_runs_and_gives_back(tx_pool):
     greenlet = gevent.spawn(run, other)
     try:
         steps = [
-            lambda: Item.objects.get_or_create(name="sweep", defaults={"value": 1}),
-            lambda: Item.objects.get_or_create(name="sweep", defaults={"value": 1}),
-            lambda: Item.objects.filter(name="sweep").update(value=F("value") + 1),
+            lambda: Item.objects.get_or_create(name="pm-sweep", defaults={"value": 1}),
+            lambda: Item.objects.get_or_create(name="pm-sweep", defaults={"value": 1}),
+            lambda: Item.objects.filter(name="pm-sweep").update(value=F("value") + 1),
             lambda: Item.objects.aggregate(Max("value"), Count("id")),
             lambda: list(Item.objects.values("name").annotate(n=Count("id")).order_by("name")),
-            lambda: list(Item.objects.raw("SELECT * FROM testapp_item WHERE name = %s", ["sweep"])),
-            lambda: Item.objects.filter(name="sweep").explain(),
+            lambda: list(Item.objects.raw("SELECT * FROM testapp_item WHERE name = %s",
+                                          ["pm-sweep"])),
+            lambda: Item.objects.filter(name="pm-sweep").explain(),
             lambda: Item.objects.in_bulk(field_name="id"),
-            lambda: list(Item.objects.filter(name="sweep").values_list("value", flat=True)),
+            lambda: list(Item.objects.filter(name="pm-sweep").values_list("value", flat=True)),
             lambda: connection.introspection.table_names(),
             lambda: call_command("migrate", verbosity=0),
-            lambda: Item.objects.filter(name="sweep").first().save(),
+            lambda: Item.objects.filter(name="pm-sweep").first().save(),
         ]
         for number, step in enumerate(steps):
             step()
             with between:
                 assert held() == 0, number
         with pytest.raises(transaction.TransactionManagementError):
-            list(Item.objects.select_for_update().filter(name="sweep"))
+            list(Item.objects.select_for_update().filter(name="pm-sweep"))
         assert held() == 0
     finally:
         stop.set()
         greenlet.get(timeout=10)
-    assert Item.objects.get(name="sweep").value == 2
+    assert Item.objects.get(name="pm-sweep").value == 2
     assert other_statements and get_stats()["requests_errors"] == 0
     assert get_stats()["connections_num"] == 1
 
