@@ -138,7 +138,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                          if t["concurrency"] == max(sizes.concurrency)]
                 result["rss_load_mb"] = max(loads)
                 result["rss_load_concurrency"] = max(sizes.concurrency)
-            if "external_wait" in workloads and ref.kind != "raw":
+            if "external_wait" in workloads and ref.external_wait:
                 clock = perf_counter()
                 result["external_wait"] = [
                     external_wait(client, c, w, sizes.wait_duration, sizes.warmup, sampler)
