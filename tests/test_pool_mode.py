@@ -123,6 +123,18 @@ def test_statements_without_a_wait_between_them_share_one_checkout(tx_pool):
     assert get_stats()["requests_num"] == checkouts + 4
 
 
+def test_a_checkout_unused_before_a_wait_goes_back(tx_pool):
+    tx_pool(MAX_CONNS=1)
+    connection.ensure_connection()
+    assert held() == 0
+    cursor = connection.cursor()
+    assert held() == 0  # a cursor made early holds nothing while the greenlet waits
+    cursor.execute("SELECT 41 + 1")
+    assert cursor.fetchone() == (42,)
+    assert held() == 0
+    cursor.close()
+
+
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
     # The contrast that makes the test above meaningful.
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.5)
@@ -653,7 +665,7 @@ if is_psycopg3:
                 assert held() == 0
                 with cursor.copy(sql) as copy:
                     rows = [bytes(row).decode().strip() for row in copy]
-                # COPY does not end the use: held until the wrapper closes.
+                # COPY pins the checkout: held until the wrapper closes.
                 assert held() == 1
         assert rows == ["1", "2", "3"]
         connection.close()

@@ -59,9 +59,11 @@ POOL_MODES = (SESSION, TRANSACTION)
 # statement; any other reader may keep the raw connection, so it pins it.
 _INTERNAL_MODULES = ("django.", "django_db_geventpool.")
 _PROXY_MODULE = "django.utils.connection"
+# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
+_ACTIVE = 1
 
 # Cursor methods that run I/O on the cursor's connection without going through
-# execute(): they must run on the connection the wrapper holds now.
+# execute(): they must run on the connection the wrapper holds now, and keep it.
 _IO_METHODS = frozenset(["copy", "copy_expert", "copy_from", "copy_to", "stream", "scroll"])
 
 
@@ -90,9 +92,15 @@ class _ReleasingCursor:
         except Exception:  # an old result's cursor: nothing to clean up on the server
             pass
 
+    def _attach_pinned(self) -> None:
+        """Before COPY and the like: their I/O is not a statement we see end, so the
+        checkout stays with the wrapper until it is closed (as raw access does)."""
+        self._attach()
+        self.db._raw_pinned = True  # type: ignore[attr-defined]
+
     def __getattr__(self, attr: str) -> Any:
         if attr in _IO_METHODS:
-            self._attach()
+            self._attach_pinned()
         return super().__getattr__(attr)  # type: ignore[misc]
 
     def execute(self, sql: Any, params: Any = None) -> Any:
@@ -152,7 +160,7 @@ def _releasing_class(cls: type) -> type:
 
 def _attaching(name: str) -> Any:
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._attach()
+        self._attach_pinned()
         # type(self) is the generated class: super() skips to the wrapped class's method.
         return getattr(super(type(self), self), name)(*args, **kwargs)
 
@@ -297,6 +305,9 @@ class PoolModeMixin:
         finally:
             self._in_use -= 1
         self.run_on_commit: list[Any] = []
+        # A checkout that nothing uses before the greenlet waits (a cursor made
+        # early, ensure_connection()) goes back too; its first use checks out again.
+        self._release_if_idle(None)
 
     def get_autocommit(self) -> bool:
         if (
@@ -316,6 +327,37 @@ class PoolModeMixin:
             # The outermost atomic() ended (its on_commit callbacks ran inside
             # super()), or a manual transaction did.
             self._release_if_idle(None)
+
+    # Django's own I/O on the connection outside a cursor statement: the
+    # connection is in use meanwhile (a release queued earlier must wait).
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        self._in_use += 1
+        try:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def _commit(self) -> None:
+        self._in_use += 1
+        try:
+            super()._commit()  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def _rollback(self) -> None:
+        self._in_use += 1
+        try:
+            super()._rollback()  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def is_usable(self) -> bool:
+        self._in_use += 1
+        try:
+            return super().is_usable()  # type: ignore[misc, no-any-return]
+        finally:
+            self._in_use -= 1
 
     def make_cursor(self, cursor: Any) -> Any:
         wrapper = super().make_cursor(cursor)  # type: ignore[misc]
@@ -375,6 +417,11 @@ class PoolModeMixin:
         self._release_scheduled = None
         if self._pool_lease is not lease or not self._releasable():
             return  # closed meanwhile, or in use again (its next use schedules anew)
+        pool = lease.pool
+        if pool.driver.transaction_status(lease.connection) == _ACTIVE:
+            # Talking to the server through a path we do not count: keep it (the
+            # next statement's end, or the request end, gives it back).
+            return
         try:
             last, self._last_cursor = self._last_cursor, None
             cursor = last() if last is not None else None
@@ -386,7 +433,6 @@ class PoolModeMixin:
             self._end_pool_mode_checkout()
             self._pool_lease = None
             self.connection = None
-            pool = lease.pool
             if pool.reset_query or pool.driver.transaction_status(lease.connection) != 0:
                 # A return that does I/O (reset query, rollback) cannot run in the hub.
                 spawn(pool.checkin, lease)
