@@ -6,7 +6,8 @@ a noisy moment on a shared machine hits all of them alike; each figure is the
 median over the rounds. Writes the raw results to ``bench/results/`` and the
 report to ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
 
-Options: ``--rounds N`` (default 3), ``--only NAME[,NAME]``, ``--quick`` (tiny
+Options: ``--rounds N`` (default 3), ``--only NAME[,NAME]``, ``--workloads
+NAME[,NAME]`` (overhead, throughput, waiting, external_wait; default all), ``--quick`` (tiny
 sizes, to check that everything runs; the report then goes to the run's results
 directory), ``--out DIR`` (where the report goes).
 """
@@ -35,8 +36,10 @@ logger = logging.getLogger("bench")
 
 QUICK_SIZES = Sizes(
     overhead_n=50, concurrency=(1, 10, 200), queries=(1, 5), duration=0.1, warmup=0.05,
-    waiters=(10, 200), waiting_checkouts=400,
+    waiters=(10, 200), waiting_checkouts=400, wait_ms=(5,), wait_concurrency=(20,),
+    wait_duration=0.1,
 )
+WORKLOADS = ("overhead", "throughput", "waiting", "external_wait")
 
 
 def worker_pythonpath() -> Path:
@@ -77,15 +80,29 @@ def run_worker_process(ref: Reference, config: dict, *, label: str, python: str 
 
 
 def run_worker(ref: Reference, db: dict, sizes: Sizes, output: Path, python: str | None = None,
-               timeout: float = WORKER_TIMEOUT) -> dict:
+               timeout: float = WORKER_TIMEOUT, workloads: tuple[str, ...] = WORKLOADS) -> dict:
     """Run one round of ``ref`` in a new process; return its results."""
     config = {
         "reference": dataclasses.asdict(ref),
         "db": db,
         "sizes": dataclasses.asdict(sizes),
         "output": str(output),
+        "workloads": list(workloads),
     }
     return run_worker_process(ref, config, label=ref.name, python=python, timeout=timeout)
+
+
+def split_names(text: str) -> list[str]:
+    """``"a,ours[psycopg3,tx]"`` -> ``["a", "ours[psycopg3,tx]"]``: commas inside brackets stay."""
+    names, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += char
+    return [name for name in names + [current] if name]
 
 
 def machine_info() -> dict:
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated reference names")
+    parser.add_argument("--workloads", default="", help="comma-separated workloads "
+                        f"({', '.join(WORKLOADS)}; default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     parser.add_argument("--out", default=None,
                         help="where the report goes (default: docs/, or the run's results with --quick)")
@@ -117,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
 
     refs = list(REFERENCES.values())
     if args.only:
-        wanted = args.only.split(",")
+        wanted = split_names(args.only)
         unknown = [w for w in wanted if w not in REFERENCES]
         if unknown:
             parser.error(f"unknown references {unknown}; known: {list(REFERENCES)}")
         refs = [REFERENCES[w] for w in wanted]
     sizes = QUICK_SIZES if args.quick else Sizes()
+    workloads = tuple(args.workloads.split(",")) if args.workloads else WORKLOADS
+    if set(workloads) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; known: {WORKLOADS}")
 
     started = time.monotonic()
     machine = machine_info()
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("round %d of %d", round_no, args.rounds)
             for ref in refs:
                 output = run_dir / f"{ref.slug}.{round_no}.json"
-                results[ref.name].append(run_worker(ref, db, sizes, output))
+                results[ref.name].append(run_worker(ref, db, sizes, output, workloads=workloads))
     machine["loadavg_end"] = os.getloadavg()[0]
     machine["seconds"] = round(time.monotonic() - started)
     summary = report.summarize(results)
@@ -144,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else run_dir if args.quick else ROOT / "docs"
     out.mkdir(parents=True, exist_ok=True)
     command = "make bench" if not args.quick else "python -m bench --quick"
+    if args.only or args.workloads:
+        command = "make bench BENCH_ARGS='" + " ".join(
+            a for a in (f"--only {args.only}" if args.only else "",
+                        f"--workloads {args.workloads}" if args.workloads else "",
+                        f"--rounds {args.rounds}", "--quick" if args.quick else "") if a) + "'"
     report.write_markdown(out / "benchmarks.md", summary, machine, args.rounds, sizes, command)
     report.write_plot(out / "benchmarks.png", summary)
     logger.info("wrote %s and %s in %ds", out / "benchmarks.md", out / "benchmarks.png",

@@ -38,6 +38,9 @@ class Reference:
     capped: bool = True  # MAX_CONNS applies (the waiting workload needs a cap)
     options: dict[str, Any] = field(default_factory=dict)
     health_checks: bool = False  # Django's CONN_HEALTH_CHECKS
+    # Runs the "requests with an external wait" workload (the references issue 11
+    # compares; the variants would only lengthen the run).
+    external_wait: bool = True
 
     @property
     def slug(self) -> str:
@@ -50,6 +53,7 @@ REFERENCES: dict[str, Reference] = {
         Reference(
             "raw_limit", "bench-psycopg2", "psycopg2", "raw",
             "psycopg2 (green) connections in a gevent LifoQueue, the SQL the ORM emits, no Django",
+            external_wait=False,
         ),
         Reference(
             "orm_held[psycopg2]", "bench-psycopg2", "psycopg2", "orm_held",
@@ -65,6 +69,7 @@ REFERENCES: dict[str, Reference] = {
             "no_pool", "bench-psycopg2", "psycopg2", "no_pool",
             "Django's stock backend, CONN_MAX_AGE=0: a new connection per request",
             capped=False,
+            external_wait=False,
         ),
         Reference(
             "django_pool", "bench-psycopg3", "psycopg3", "django_pool",
@@ -74,6 +79,7 @@ REFERENCES: dict[str, Reference] = {
             "django_pool+checks", "bench-psycopg3", "psycopg3", "django_pool",
             'Django\'s own OPTIONS["pool"] with CONN_HEALTH_CHECKS=True',
             health_checks=True,
+            external_wait=False,
         ),
         Reference(
             "old_geventpool", "bench-old", "psycopg2", "old",
@@ -88,6 +94,12 @@ REFERENCES: dict[str, Reference] = {
             "this package, psycopg 3, MAX_CONNS=10, HEALTH_CHECK_DELAY=0 "
             "(round trip each checkout)",
             options={"HEALTH_CHECK_DELAY": 0},
+            external_wait=False,
+        ),
+        Reference(
+            "ours[psycopg3,tx]", "bench-psycopg3", "psycopg3", "ours",
+            'this package, psycopg 3, MAX_CONNS=10, POOL_MODE="transaction"',
+            options={"POOL_MODE": "transaction"},
         ),
         Reference(
             "ours[psycopg2]", "bench-psycopg2", "psycopg2", "ours",
@@ -97,6 +109,12 @@ REFERENCES: dict[str, Reference] = {
             "ours[psycopg2,hc=0]", "bench-psycopg2", "psycopg2", "ours",
             "this package, psycopg2 + psycogreen, MAX_CONNS=10, HEALTH_CHECK_DELAY=0",
             options={"HEALTH_CHECK_DELAY": 0},
+            external_wait=False,
+        ),
+        Reference(
+            "ours[psycopg2,tx]", "bench-psycopg2", "psycopg2", "ours",
+            'this package, psycopg2 + psycogreen, MAX_CONNS=10, POOL_MODE="transaction"',
+            options={"POOL_MODE": "transaction"},
         ),
     )
 }

@@ -8,7 +8,8 @@ this several times per reference (rounds) and takes medians. With a
 (``bench.countwork`` runs it so under cachegrind).
 
 CONFIG: ``{"reference": {...Reference fields...}, "db": {NAME, USER, PASSWORD,
-HOST, PORT}, "sizes": {...Sizes fields...}, "output": "path.json"}``.
+HOST, PORT}, "sizes": {...Sizes fields...}, "output": "path.json"}``, and optionally
+``"workloads": [...]`` (a subset of `WORKLOADS`; default: all).
 """
 
 from gevent import monkey
@@ -31,12 +32,16 @@ from bench.workloads import (  # noqa: E402
     Sampler,
     Sizes,
     checkout_overhead,
+    external_wait,
     rss_mb,
     throughput,
     waiting_scale,
 )
 
 logger = logging.getLogger("bench.worker")
+
+# What a run can be limited to (python -m bench --workloads ...).
+WORKLOADS = ("overhead", "throughput", "waiting", "external_wait")
 
 
 def _version(dist: str) -> str | None:
@@ -106,43 +111,58 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     client = prepare(ref, db)
     result: dict[str, Any] = {"reference": ref.name, "meta": _meta(ref)}
 
+    workloads = config.get("workloads") or WORKLOADS
+
     def measure() -> None:
         # At rest: set up, one connection opened and returned.
         handle = client.acquire()
         client.query(handle)
         client.release(handle)
         result["rss_rest_mb"] = rss_mb()
-        clock = perf_counter()
-        result["overhead"] = checkout_overhead(client, sizes.overhead_n)
-        seconds["overhead"] = perf_counter() - clock
-        clock = perf_counter()
+        if "overhead" in workloads:
+            clock = perf_counter()
+            result["overhead"] = checkout_overhead(client, sizes.overhead_n)
+            seconds["overhead"] = perf_counter() - clock
         sampler_conn = raw_connect(ref.driver, _dsn(db))
         sampler = Sampler(sampler_conn, "bench-" + ref.slug)
         try:
-            result["throughput"] = [
-                row
-                for c in sizes.concurrency
-                for row in throughput(client, c, sizes.queries, sizes.duration, sizes.warmup, sampler)
-            ]
+            if "throughput" in workloads:
+                clock = perf_counter()
+                result["throughput"] = [
+                    row
+                    for c in sizes.concurrency
+                    for row in throughput(client, c, sizes.queries, sizes.duration, sizes.warmup,
+                                          sampler)
+                ]
+                seconds["throughput"] = perf_counter() - clock
+                loads = [t["peak_rss_mb"] for t in result["throughput"]
+                         if t["concurrency"] == max(sizes.concurrency)]
+                result["rss_load_mb"] = max(loads)
+                result["rss_load_concurrency"] = max(sizes.concurrency)
+            if "external_wait" in workloads and ref.external_wait:
+                clock = perf_counter()
+                result["external_wait"] = [
+                    external_wait(client, c, w, sizes.wait_duration, sizes.warmup, sampler)
+                    for w in sizes.wait_ms
+                    for c in sizes.wait_concurrency
+                ]
+                seconds["external_wait"] = perf_counter() - clock
         finally:
             sampler.stop()
             sampler_conn.close()
-        seconds["throughput"] = perf_counter() - clock
-        clock = perf_counter()
-        loads = [t["peak_rss_mb"] for t in result["throughput"]
-                 if t["concurrency"] == max(sizes.concurrency)]
-        result["rss_load_mb"] = max(loads)
-        result["rss_load_concurrency"] = max(sizes.concurrency)
-        result["waiting"] = (
-            [waiting_scale(client, w, MAX_CONNS, sizes.waiting_checkouts) for w in sizes.waiters]
-            if ref.capped else None
-        )
-        if ref.kind == "raw":
-            floor = FifoFloor(MAX_CONNS)
-            result["waiting_floor"] = [
-                waiting_scale(floor, w, MAX_CONNS, sizes.waiting_checkouts) for w in sizes.waiters
-            ]
-        seconds["waiting"] = perf_counter() - clock
+        if "waiting" in workloads:
+            clock = perf_counter()
+            result["waiting"] = (
+                [waiting_scale(client, w, MAX_CONNS, sizes.waiting_checkouts) for w in sizes.waiters]
+                if ref.capped else None
+            )
+            if ref.kind == "raw":
+                floor = FifoFloor(MAX_CONNS)
+                result["waiting_floor"] = [
+                    waiting_scale(floor, w, MAX_CONNS, sizes.waiting_checkouts)
+                    for w in sizes.waiters
+                ]
+            seconds["waiting"] = perf_counter() - clock
 
     seconds: dict[str, float] = {}
     result["seconds"] = seconds

@@ -17,7 +17,8 @@ import gevent
 from gevent.event import Event
 
 __all__ = [
-    "Sizes", "Sampler", "FifoFloor", "checkout_overhead", "throughput", "waiting_scale", "rss_mb",
+    "Sizes", "Sampler", "FifoFloor", "checkout_overhead", "throughput", "external_wait",
+    "waiting_scale", "rss_mb",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -34,6 +35,10 @@ class Sizes:
     warmup: float = 0.15
     waiters: tuple[int, ...] = (10, 1000, 5000)
     waiting_checkouts: int = 5000
+    # "Requests with an external wait": a query, gevent.sleep(W), a query.
+    wait_ms: tuple[int, ...] = (5, 20, 50)
+    wait_concurrency: tuple[int, ...] = (200, 1000)
+    wait_duration: float = 1.0
 
 
 def rss_mb() -> float:
@@ -134,9 +139,12 @@ def checkout_overhead(client, n: int, time_budget: float = 3.0) -> dict[str, flo
 
 def throughput(
     client, concurrency: int, queries: tuple[int, ...], duration: float, warmup: float,
-    sampler: Sampler | None, max_window: float = 3.0,
+    sampler: Sampler | None, max_window: float = 3.0, wait: float = 0.0,
 ) -> list[dict[str, Any]]:
     """``concurrency`` greenlets making requests of ``q`` queries for ``duration`` s, per q.
+
+    With ``wait`` > 0 each request also waits ``wait`` seconds (``gevent.sleep``,
+    standing for a call to another service) between consecutive queries.
 
     The same greenlets serve the warm-up and every measured run, so connections
     held per greenlet (orm_held) are opened once. A run counts the requests that
@@ -156,6 +164,7 @@ def throughput(
     def worker() -> None:
         client.prepare()
         acquire, query, release = client.acquire, client.query, client.release
+        sleep = gevent.sleep
         try:
             for phase, (count, _) in enumerate(phases):
                 go[phase].wait()
@@ -168,7 +177,9 @@ def throughput(
                         try:
                             if state["stop"]:
                                 continue
-                            for _ in range(count):
+                            for i in range(count):
+                                if wait and i:
+                                    sleep(wait)
                                 query(handle)
                         finally:
                             release(handle)
@@ -210,6 +221,7 @@ def throughput(
         rows.append({
             "concurrency": concurrency,
             "queries": count,
+            "wait_ms": wait * 1e3,
             "requests": len(ordered),
             "rps": len(ordered) / window,
             "p50_ms": _percentile(ordered, 0.50) * 1e3,
@@ -226,6 +238,21 @@ def throughput(
         })
     gevent.joinall(workers)
     return rows
+
+
+def external_wait(client, concurrency: int, wait_ms: int, duration: float, warmup: float,
+                  sampler: Sampler | None) -> dict[str, Any]:
+    """Requests of one ORM query, ``gevent.sleep(wait_ms)``, one more ORM query.
+
+    The wait stands for what real requests wait on besides the database (an
+    HTTP API, Redis, S3): a pool that holds the connection through it serves at
+    most ``MAX_CONNS`` such requests at once.
+    """
+    # Room for at least a few requests per greenlet beyond the first one.
+    window = max(duration, 4 * wait_ms / 1e3)
+    rows = throughput(client, concurrency, (2,), window, warmup, sampler,
+                      max_window=window + 3.0, wait=wait_ms / 1e3)
+    return rows[0]
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -13,6 +13,8 @@ its name length limits). A project whose default alias uses another ENGINE can a
 ``django_db_geventpool.W001``    ``CONN_MAX_AGE`` is not 0 (it has no effect: the pool keeps idle
                                  connections)
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
+``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (no release)
+``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (a round trip each)
 ===============================  ======================================================
 
 W002 needs the server: it runs when checks are given databases (``check --database
@@ -94,6 +96,7 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
                     "instead.",
                 id=_ID.format("W001"),
             ))
+        messages.extend(_pool_mode_warnings(alias, settings_dict))
     if not aliases:
         return messages
     if _uses_psycopg3():
@@ -113,6 +116,35 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
                 "the pool "
                  "installs its callback, and gunicorn.conf.py does it at start-up.",
             id=_ID.format("E003"),
+        ))
+    return messages
+
+
+def _pool_mode_warnings(alias: str, settings_dict: dict[str, Any]) -> list[checks.CheckMessage]:
+    """Settings that defeat ``POOL_MODE = "transaction"`` (the mode still works with them)."""
+    options = settings_dict.get("OPTIONS") or {}
+    if options.get("POOL_MODE") != "transaction":
+        return []
+    where = f"DATABASES[{alias!r}]"
+    messages: list[checks.CheckMessage] = []
+    if settings_dict.get("ATOMIC_REQUESTS"):
+        messages.append(checks.Warning(
+            f"{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in "
+            "one transaction, so each request holds its connection from its first query to its "
+            "end, as in session mode, including while it waits on anything else.",
+            hint="Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
+                 "transaction.atomic(), or use POOL_MODE='session'.",
+            id=_ID.format("W003"),
+        ))
+    if options.get("RESET_QUERY"):
+        messages.append(checks.Warning(
+            f"{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs "
+            "every time the connection is given back, that is after every statement outside "
+            "a transaction (one more round trip each), and with DISCARD ALL the session set-up "
+            "(time zone, role) is redone at every checkout.",
+            hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
+                 "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
+            id=_ID.format("W004"),
         ))
     return messages
 

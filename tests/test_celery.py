@@ -147,3 +147,48 @@ def test_asyncio_in_a_native_thread_leaves_the_orm_alone(client, product_id):
     )
     assert [v for v in values if isinstance(v, BaseException)] == []
     assert all(isinstance(v, int) for v in values)
+
+
+def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(cluster, redis_url, product_id,
+                                                                 tmp_path):
+    """A worker with MAX_CONNS=2 and POOL_MODE=transaction: tasks query, wait, query.
+
+    Many more tasks than MAX_CONNS are inside their wait at once (in session mode
+    each would hold its connection until task_postrun), with no error and at most
+    MAX_CONNS server connections. Its own Redis database keeps it apart from the
+    module's worker.
+    """
+    max_conns = 2
+    broker = redis_url.rsplit("/", 1)[0] + "/1"
+    env = example_env(
+        cluster, EXAMPLE_DB, MAX_CONNS=str(max_conns), POOL_TIMEOUT="5", POOL_MODE="transaction",
+        DB_APPLICATION_NAME=APP_NAME + "-tx", CELERY_BROKER_URL=broker,
+        CELERY_DB_REUSE_MAX="1000000",
+    )
+    proc = start_celery_worker(env, tmp_path / "worker.log", concurrency=40)
+    app = Celery("geventpool-test-client-tx", broker=broker, backend=broker, set_as_current=False)
+    app.conf.broker_connection_retry_on_startup = True
+    try:
+        with ServerConnectionSampler(APP_NAME + "-tx", interval=0.01) as sampler:
+            values = _run_all(app, [("shop.tasks.count_with_wait", (0.05,))] * 200)
+        stats = _run_all(app, [("shop.tasks.pool_stats", ())])[0]
+    finally:
+        drainer = getattr(app.backend.result_consumer, "drainer", None)
+        drain_greenlet = getattr(drainer, "_g", None)
+        if drain_greenlet is not None:
+            drain_greenlet.kill(timeout=5)
+        app.close()
+        proc.stop()
+        proc.kill_group()
+    failures = [v for v in values if isinstance(v, BaseException)]
+    waiting_peak = max((v["waiting_peak"] for v in values if isinstance(v, dict)), default=0)
+    logger.info("celery transaction mode: %d tasks, %d in their wait at once, peak %d server "
+                "connections", len(values), waiting_peak, sampler.peak)
+
+    assert failures == []
+    assert all(v["products"] == v["again"] >= 1 for v in values)
+    assert waiting_peak > max_conns
+    assert 0 < sampler.peak <= max_conns
+    assert stats["requests_errors"] == 0
+    assert stats["pool_size"] - stats["pool_available"] == 0
+    assert "Traceback" not in proc.log()

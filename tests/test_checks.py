@@ -61,6 +61,19 @@ def test_conn_max_age_is_a_warning(max_age):
     assert "CONN_MAX_AGE" in messages[0].msg and "MAX_IDLE" in messages[0].hint
 
 
+@pytest.mark.parametrize("setting, expected", [
+    ({"ATOMIC_REQUESTS": True}, "django_db_geventpool.W003"),
+    ({"OPTIONS": {"RESET_QUERY": "DISCARD ALL"}}, "django_db_geventpool.W004"),
+])
+def test_settings_that_defeat_transaction_mode_are_warnings(setting, expected):
+    settings_dict = connections.settings["default"]
+    options = {**settings_dict["OPTIONS"], **setting.pop("OPTIONS", {})}
+    settings_dict.update(setting, OPTIONS=options)
+    assert _ids() == []  # session mode: nothing to say
+    options["POOL_MODE"] = "transaction"
+    assert _ids() == [expected]
+
+
 # Each environment has one driver: only its own import-order check is collected.
 _PSYCOPG3 = pool_checks._uses_psycopg3()
 

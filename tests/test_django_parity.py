@@ -190,20 +190,32 @@ if is_psycopg3:
 if "django.contrib.gis" in settings.INSTALLED_APPS:
     # Collected only with the PostGIS settings (make test-postgis).
 
-    def test_postgis_geometry_saved_and_read_back():
+    @pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+    def test_postgis_geometry_saved_and_read_back(configure_pool, pool_mode):
         from django.contrib.gis.geos import Point
 
         from tests.gisapp.models import Place
 
+        configure_pool(MAX_CONNS=1, POOL_MODE=pool_mode)
+        # Transaction mode gives the connection back after each statement.
+        held_between = 0 if pool_mode == "transaction" else 1
+
+        def held():
+            stats = get_stats()
+            return stats["pool_size"] - stats["pool_available"]
+
         def save():
             place = Place.objects.create(name="paris", location=Point(2.3522, 48.8566, srid=4326))
+            assert held() == held_between
             return place.pk
 
         def read(pk):
             place = Place.objects.get(pk=pk)
+            assert held() == held_between
             distance = Place.objects.filter(
                 location__dwithin=(Point(2.35, 48.85, srid=4326), 0.1)
             ).filter(pk=pk).count()
+            assert held() == held_between
             return place.location.x, place.location.y, place.location.srid, distance
 
         pk = _in_request(save)

@@ -111,3 +111,48 @@ def test_gunicorn_workers_warm_up_min_conns_before_any_request(cluster, example_
     assert left == 0
     assert "warming up the pools failed" not in log, log[-3000:]
 
+
+def test_transaction_mode_serves_more_requests_at_once_than_max_conns(cluster, example_db, tmp_path):
+    """One worker, MAX_CONNS=2, POOL_MODE=transaction: requests query, wait 50 ms, query.
+
+    The connection goes back to the pool during each wait, so many more requests
+    than MAX_CONNS are inside their wait at once (in session mode at most
+    MAX_CONNS could be: each holds its connection until it ends), without a
+    single error and with at most MAX_CONNS server connections.
+    """
+    max_conns = 2
+    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(max_conns), POOL_TIMEOUT="5",
+                      POOL_MODE="transaction", DB_APPLICATION_NAME=APP_NAME)
+    sampler = ServerConnectionSampler(APP_NAME, interval=0.01)
+    try:
+        gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=1)
+        try:
+            sampler.start()
+            load = run_load(port, "/products/summary-with-wait?wait_ms=50", requests=400,
+                            concurrency=40, keep_body=True)
+            sampler.stop()
+            pool_stats = run_load(port, "/pool/stats", requests=1, concurrency=1, keep_body=True)
+            returncode = gunicorn.stop()
+        finally:
+            gunicorn.kill_group()
+        left = sampler.wait_for(0)
+        peak = sampler.peak
+    finally:
+        sampler.close()
+    log = gunicorn.log()
+    bodies = [json.loads(r.body) for r in load.results if r.ok]
+    waiting_peak = max((body["waiting_peak"] for body in bodies), default=0)
+    logger.info("gunicorn transaction mode: %d requests, %d in their wait at once, peak %d "
+                "server connections (MAX_CONNS %d)", len(load.results), waiting_peak, peak, max_conns)
+
+    assert [r.error or r.status for r in load.failures] == []
+    assert len(bodies) == 400
+    assert all(body["products"] == example_db for body in bodies)
+    assert waiting_peak > max_conns
+    assert 0 < peak <= max_conns
+    stats = json.loads(pool_stats.results[0].body)["databases"]["default"]
+    assert stats["requests_errors"] == 0
+    assert stats["pool_available"] == stats["pool_size"] <= max_conns
+    assert returncode == 0, log[-3000:]
+    assert left == 0
+    assert "Traceback" not in log, log[-3000:]

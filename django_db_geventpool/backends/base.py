@@ -38,6 +38,7 @@ from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
 from .peering import build_peer_set, peer_connection_params, peer_settings
+from .pool_mode import TRANSACTION, PoolModeMixin
 
 __all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]
 
@@ -66,8 +67,12 @@ else:
     _MixinBase = object
 
 
-class PooledDatabaseWrapperMixin(_MixinBase):
-    """Serve a Django PostgreSQL ``DatabaseWrapper`` from a per-alias gevent pool."""
+class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
+    """Serve a Django PostgreSQL ``DatabaseWrapper`` from a per-alias gevent pool.
+
+    ``POOL_MODE = "transaction"`` (`PoolModeMixin`) gives the connection back
+    between uses instead of at the end of the request.
+    """
 
     _pool_lease: Lease | None = None
 
@@ -209,6 +214,12 @@ class PooledDatabaseWrapperMixin(_MixinBase):
             # Django's per-session set-up (time zone, assume_role), done once per
             # server connection instead of at every checkout.
             self._configure_session(raw)
+            if self._pool_in_transaction_mode():
+                # Transaction mode sends connection_created once per server
+                # connection, here, rather than at every checkout.
+                self._announce_server_connection(raw)
+                if ops.transaction_status(raw) != 0:
+                    ops.commit(raw)
             if reconnect:
                 # Inside the try: a failing post-reconnect hook must not leak raw.
                 signals.send_post_reconnect(self)
@@ -249,6 +260,7 @@ class PooledDatabaseWrapperMixin(_MixinBase):
         if lease is None:
             return super()._close()  # type: ignore[misc]
         self._pool_lease = None
+        self._end_pool_mode_checkout()
         if self.in_atomic_block:
             # Closed inside atomic(): the transaction is abandoned; never reuse it.
             lease.pool.discard(lease)
@@ -298,6 +310,7 @@ class PooledDatabaseWrapperMixin(_MixinBase):
 
     def _give_back(self, lease: Lease) -> None:
         self._pool_lease = None
+        self._end_pool_mode_checkout()
         lease.pool.checkin(lease)
 
     def close_if_unusable_or_obsolete(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from .pool_mode import POOL_MODES, TRANSACTION
 from .transaction_pooling import check_transaction_pooling
 
 __all__ = ["PoolSettings", "POOL_OPTION_NAMES", "TOP_LEVEL_OPTION_NAMES", "parse_pool_settings"]
@@ -37,6 +38,7 @@ _SPEC: dict[str, tuple[Any, str, str]] = {
     "TRANSACTION_POOLING": (False, "bool", "True (behind pgbouncer in transaction mode) or False"),
     "MIN_CONNS": (0, "int>=0", "an integer >= 0 (at most MAX_CONNS)"),
     "KEEPALIVE_INTERVAL": (None, "num>0?", "a number of seconds > 0, or None (no keepalive)"),
+    "POOL_MODE": ("session", "mode", '"session" or "transaction"'),
 }
 POOL_OPTION_NAMES = tuple(_SPEC)
 # As in django-proxysql, these may also stand at the top level of the entry.
@@ -65,6 +67,8 @@ class PoolSettings:
     transaction_pooling: bool = False
     min_conns: int = 0
     keepalive_interval: float | None = None
+    # "session" or "transaction" (pool_mode.py): when a wrapper gives its connection back.
+    pool_mode: str = "session"
 
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ConnectionPool`."""
@@ -105,6 +109,8 @@ def _accepts(kind: str, value: Any) -> bool:
         return isinstance(value, bool)
     if kind == "sql":
         return isinstance(value, str) and value.strip() != ""
+    if kind == "mode":
+        return value in POOL_MODES
     if kind == "aliases":
         return isinstance(value, (list, tuple)) and all(isinstance(a, str) and a for a in value)
     raise AssertionError(kind)
@@ -170,6 +176,13 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         peers = tuple(p for p in peers if p != alias)
     if values["TRANSACTION_POOLING"]:
         check_transaction_pooling(alias, settings_dict)
+    if values["POOL_MODE"] == TRANSACTION and settings_dict.get("AUTOCOMMIT") is False:
+        raise ImproperlyConfigured(
+            f"{where}['POOL_MODE'] is 'transaction', but DATABASES[{alias!r}]['AUTOCOMMIT'] is "
+            "False: every connection would be one transaction from its first query to the end "
+            "of the request, and never given back in between. Keep AUTOCOMMIT=True (use "
+            "transaction.atomic() for transactions), or POOL_MODE='session'."
+        )
     return PoolSettings(
         max_conns=max_conns,
         reuse_conns=reuse,
@@ -187,4 +200,5 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         transaction_pooling=values["TRANSACTION_POOLING"],
         min_conns=min_conns,
         keepalive_interval=None if keepalive is None else float(keepalive),
+        pool_mode=values["POOL_MODE"],
     )

@@ -2,7 +2,8 @@
 
 libpq's own variables name the server (``PGHOST``, ``PGPORT``, ``PGDATABASE``,
 ``PGUSER``, ``PGPASSWORD``); ``MAX_CONNS``, ``POOL_TIMEOUT`` and
-``STATS_LOG_INTERVAL`` size and watch the pool; ``DB_ENGINE`` picks the backend
+``STATS_LOG_INTERVAL`` size and watch the pool, ``POOL_MODE`` says when a request
+gives its connection back (``session`` or ``transaction``); ``DB_ENGINE`` picks the backend
 (default: psycopg 3 when it is installed, else psycopg2).
 """
 
@@ -47,6 +48,7 @@ DATABASES = {
             "POOL_TIMEOUT": float(os.environ.get("POOL_TIMEOUT", "10")),
             "STATS_LOG_INTERVAL": _optional_float("STATS_LOG_INTERVAL"),
             "MIN_CONNS": int(os.environ.get("MIN_CONNS", "0")),
+            "POOL_MODE": os.environ.get("POOL_MODE", "session"),
             "application_name": os.environ.get("DB_APPLICATION_NAME", "geventpool-example"),
         },
     }

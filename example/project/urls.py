@@ -5,7 +5,8 @@ from functools import wraps
 
 from django.http import HttpResponseForbidden
 from django.urls import path
-from shop.views import product_summary
+
+from shop.views import product_summary, summary_with_wait
 
 from django_db_geventpool.views import ready_view, stats_view
 
@@ -27,6 +28,7 @@ def loopback_only(view):
 
 urlpatterns = [
     path("products/summary", product_summary),
+    path("products/summary-with-wait", summary_with_wait),
     path("pool/stats", loopback_only(stats_view)),
     path("ready", ready_view),
 ]

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 
 from celery import shared_task
 from django.db import transaction
@@ -19,6 +20,30 @@ def sell(product_id: int) -> int:
         product.save(update_fields=["sold"])
         product.refresh_from_db(fields=["sold"])
     return product.sold
+
+
+_waiting = 0
+_waiting_peak = 0
+
+
+@shared_task
+def count_with_wait(seconds: float) -> dict:
+    """One query, a wait standing for a call to another service, one more query.
+
+    Returns the product count and how many tasks of this worker were inside the
+    wait at once so far (with ``POOL_MODE=transaction``, more than ``MAX_CONNS``).
+    """
+    from .models import Product
+
+    global _waiting, _waiting_peak
+    first = Product.objects.count()
+    _waiting += 1
+    _waiting_peak = max(_waiting_peak, _waiting)
+    try:
+        time.sleep(seconds)
+    finally:
+        _waiting -= 1
+    return {"products": first, "again": Product.objects.count(), "waiting_peak": _waiting_peak}
 
 
 @shared_task

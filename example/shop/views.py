@@ -1,6 +1,7 @@
-"""A view that queries the database on every request."""
+"""Views that query the database on every request."""
 
 import os
+import time
 
 from django.db.models import Count, Sum
 from django.http import JsonResponse
@@ -12,3 +13,34 @@ def product_summary(request):
 
     summary = Product.objects.aggregate(products=Count("id"), total_cents=Sum("price_cents"))
     return JsonResponse({**summary, "pid": os.getpid()})
+
+
+# Requests of this process inside the wait of `summary_with_wait` now, and at most.
+_waiting = 0
+_waiting_peak = 0
+
+
+def summary_with_wait(request):
+    """One query, a wait standing for a call to another service, one more query.
+
+    ``?wait_ms=`` sets the wait (``time.sleep``, which gevent makes cooperative).
+    With ``POOL_MODE=transaction`` no connection is held during the wait, so more
+    requests than ``MAX_CONNS`` can be in it at once; ``waiting_peak`` says how
+    many were, in this process.
+    """
+    from .models import Product
+
+    global _waiting, _waiting_peak
+    seconds = float(request.GET.get("wait_ms", "20")) / 1000
+    products = Product.objects.count()
+    _waiting += 1
+    _waiting_peak = max(_waiting_peak, _waiting)
+    try:
+        time.sleep(seconds)
+    finally:
+        _waiting -= 1
+    total = Product.objects.aggregate(total_cents=Sum("price_cents"))["total_cents"]
+    return JsonResponse({
+        "products": products, "total_cents": total, "waiting_peak": _waiting_peak,
+        "pid": os.getpid(),
+    })

@@ -70,6 +70,10 @@ BAD_VALUES = [
     ("KEEPALIVE_INTERVAL", 0, "> 0"),
     ("KEEPALIVE_INTERVAL", "30", "> 0"),
     ("KEEPALIVE_INTERVAL", True, "> 0"),
+    ("POOL_MODE", "Transaction", '"session" or "transaction"'),
+    ("POOL_MODE", "statement", '"session" or "transaction"'),
+    ("POOL_MODE", None, '"session" or "transaction"'),
+    ("POOL_MODE", True, '"session" or "transaction"'),
 ]
 
 
@@ -104,6 +108,32 @@ def test_good_values_are_accepted():
     assert settings.health_check_delay == 0
     assert settings.pool_timeout == 1.0
     assert settings.peers == ("replica",)
+
+
+def test_pool_mode_values_and_default():
+    assert parse_pool_settings("default", _settings()).pool_mode == "session"
+    for mode in ("session", "transaction"):
+        assert parse_pool_settings("default", _settings(POOL_MODE=mode)).pool_mode == mode
+
+
+def test_transaction_mode_refuses_autocommit_off():
+    settings_dict = {**_settings(POOL_MODE="transaction"), "AUTOCOMMIT": False}
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        parse_pool_settings("reporting", settings_dict)
+    message = str(excinfo.value)
+    assert "DATABASES['reporting']" in message and "'POOL_MODE'" in message
+    assert "AUTOCOMMIT" in message
+    # Session mode keeps accepting it.
+    parse_pool_settings("reporting", {**_settings(POOL_MODE="session"), "AUTOCOMMIT": False})
+
+
+def test_transaction_mode_combines_with_transaction_pooling():
+    # pgbouncer's rules still apply: server-side cursors stay refused behind it.
+    both = _settings(POOL_MODE="transaction", TRANSACTION_POOLING=True)
+    with pytest.raises(ImproperlyConfigured, match="DISABLE_SERVER_SIDE_CURSORS"):
+        parse_pool_settings("default", both)
+    settings = parse_pool_settings("default", {**both, "DISABLE_SERVER_SIDE_CURSORS": True})
+    assert settings.pool_mode == "transaction" and settings.transaction_pooling
 
 
 def test_defaults_follow_the_design():

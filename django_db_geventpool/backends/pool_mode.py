@@ -1,0 +1,463 @@
+"""``OPTIONS["POOL_MODE"] = "transaction"``: a wrapper holds a connection only while it uses one.
+
+In session mode (the default) a Django ``DatabaseWrapper`` keeps the pooled
+connection it checked out until Django closes it (end of request). In
+transaction mode it gives the connection back to the pool as soon as it needs
+none, and checks one out again at its next statement. A use ends:
+
+* after each statement run in autocommit outside ``atomic()``;
+* when the outermost ``atomic()`` block ends, after its ``on_commit`` callbacks
+  (Django turns autocommit back on and runs them there), and when
+  ``set_autocommit(True)`` ends a manual transaction;
+* when the last open server-side cursor is closed.
+
+The connection then goes back when the greenlet next waits on anything (a hub
+callback queued at the end of the use runs before any other greenlet does), so
+statements that follow each other without a wait share one checkout, as in
+session mode, and a greenlet that waits (an HTTP call, a sleep, a lock) holds
+nothing. No other greenlet can tell the difference from an immediate release.
+
+It keeps the connection while a transaction is open (``atomic()``, autocommit
+off), while a server-side cursor (``QuerySet.iterator()``) is open, and for the
+rest of the wrapper's checkout once code outside Django and this package has
+read the raw driver connection (``connection.connection``): such code may keep
+using it, so the wrapper must not hand it to another greenlet.
+
+Guarantees kept from session mode: the cap, ``POOL_TIMEOUT``, the health check
+and every return guarantee (a release is an ordinary `ConnectionPool.checkin`).
+A cursor taken before a release stays usable: the rows of its last statement
+stay readable, and its next ``execute()`` runs on whatever connection the
+wrapper holds then. ``connection_created`` is sent once per *server*
+connection, when the pool opens it (not at every checkout), with the wrapper
+pointing at that connection, so receivers that set up the session still do it
+exactly where it lasts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import weakref
+from typing import Any
+
+from django.db.backends.base.base import NO_DB_ALIAS
+from gevent import get_hub, spawn
+from django.db.backends.signals import connection_created
+
+from .. import registry
+
+__all__ = ["PoolModeMixin", "SESSION", "TRANSACTION", "POOL_MODES"]
+
+logger = logging.getLogger(__name__)
+
+SESSION = "session"
+TRANSACTION = "transaction"
+POOL_MODES = (SESSION, TRANSACTION)
+
+# Code in these packages reads ``wrapper.connection`` as part of running a
+# statement; any other reader may keep the raw connection, so it pins it.
+_INTERNAL_MODULES = ("django.", "django_db_geventpool.")
+_PROXY_MODULE = "django.utils.connection"
+# libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
+_ACTIVE = 1
+
+# Cursor methods that run I/O on the cursor's connection without going through
+# execute(): they must run on the connection the wrapper holds now, and keep it.
+_IO_METHODS = frozenset(["copy", "copy_expert", "copy_from", "copy_to", "stream", "scroll"])
+
+
+class _ReleasingCursor:
+    """Mixed into Django's cursor wrapper classes for a transaction-mode checkout.
+
+    ``_lease`` is the checkout the driver cursor was made on; a cursor whose
+    wrapper has since given that connection back makes a new driver cursor on
+    the connection checked out now before its next statement.
+    """
+
+    _lease: Any = None
+    _server_side = False
+
+    def _attach(self) -> None:
+        db = self.db  # type: ignore[attr-defined]
+        if self._lease is not None and db._pool_lease is self._lease:
+            return
+        db.ensure_connection()
+        with db.wrap_database_errors:
+            cursor = db.create_cursor()
+        previous, self.cursor = self.cursor, cursor  # type: ignore[has-type]
+        self._lease = db._pool_lease
+        try:
+            previous.close()
+        except Exception:  # an old result's cursor: nothing to clean up on the server
+            pass
+
+    def _attach_pinned(self) -> None:
+        """Before COPY and the like: their I/O is not a statement we see end, so the
+        checkout stays with the wrapper until it is closed (as raw access does)."""
+        self._attach()
+        self.db._raw_pinned = True  # type: ignore[attr-defined]
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in _IO_METHODS:
+            self._attach_pinned()
+        return super().__getattr__(attr)  # type: ignore[misc]
+
+    def execute(self, sql: Any, params: Any = None) -> Any:
+        return self._run(super().execute, sql, params)  # type: ignore[misc]
+
+    def executemany(self, sql: Any, param_list: Any) -> Any:
+        return self._run(super().executemany, sql, param_list)  # type: ignore[misc]
+
+    def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
+        return self._run(super().callproc, procname, params, kparams)  # type: ignore[misc]
+
+    def _run(self, method: Any, *args: Any) -> Any:
+        db = self.db  # type: ignore[attr-defined]
+        db._in_use += 1
+        try:
+            self._attach()
+            result = method(*args)
+        except Exception:
+            db._in_use -= 1
+            # A failed statement (not an interrupted one: GreenletExit and
+            # gevent.Timeout keep today's handling) ends its use too.
+            db._release_if_idle(None)
+            raise
+        except BaseException:
+            db._in_use -= 1
+            raise
+        db._in_use -= 1
+        db._release_if_idle(self)
+        return result
+
+    def close(self) -> None:
+        try:
+            self.cursor.close()  # type: ignore[has-type]
+        finally:
+            if self._server_side:
+                db = self.db  # type: ignore[attr-defined]
+                cursors = db._server_cursors
+                if cursors is not None:
+                    cursors.discard(self)
+                db._release_if_idle(None)
+
+
+_releasing_classes: dict[type, type] = {}
+
+
+def _releasing_class(cls: type) -> type:
+    """``cls`` (a Django cursor wrapper class) with `_ReleasingCursor` mixed in; cached."""
+    made = _releasing_classes.get(cls)
+    if made is None:
+        # Methods the class defines itself (Django's debug wrappers define copy()
+        # and copy_expert()) bypass __getattr__: attach before them too.
+        own = {name: _attaching(name) for name in _IO_METHODS if hasattr(cls, name)}
+        made = type("Releasing" + cls.__name__, (_ReleasingCursor, cls), own)
+        _releasing_classes[cls] = made
+    return made
+
+
+def _attaching(name: str) -> Any:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._attach_pinned()
+        # type(self) is the generated class: super() skips to the wrapped class's method.
+        return getattr(super(type(self), self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+class _FetchedRows:
+    """A psycopg2 result read in full before its connection goes back to the pool.
+
+    psycopg2 refuses to fetch from a cursor whose connection is closed, and the
+    pool may close a returned connection (expired, over ``REUSE_CONNS``): the
+    rows are read first, so they stay readable whatever happens to it.
+    Everything but fetching is the driver cursor's.
+    """
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self._rows = cursor.fetchall()
+        self._pos = 0
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._cursor, attr)
+
+    def fetchone(self) -> Any:
+        if self._pos >= len(self._rows):
+            return None
+        row = self._rows[self._pos]
+        self._pos += 1
+        return row
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        if size is None:
+            size = self._cursor.arraysize
+        start = self._pos
+        self._pos = min(start + size, len(self._rows))
+        return self._rows[start:self._pos]
+
+    def fetchall(self) -> list[Any]:
+        start, self._pos = self._pos, len(self._rows)
+        return self._rows[start:]
+
+    def __iter__(self) -> Any:
+        while self._pos < len(self._rows):
+            yield self.fetchone()
+
+    def close(self) -> None:
+        self._cursor.close()
+
+
+@functools.cache
+def _driver_is_psycopg2() -> bool:
+    from .drivers import Psycopg2Ops, driver_ops
+
+    return isinstance(driver_ops(), Psycopg2Ops)
+
+
+class PoolModeMixin:
+    """The transaction-mode half of `PooledDatabaseWrapperMixin`; see the module docstring."""
+
+    # Class defaults: Django's __init__ need not know these.
+    _pool_lease: Any = None
+    _raw_connection: Any = None
+    # True while the wrapper holds a checkout it gives back after each use.
+    _releasing = False
+    # True once code outside Django read the raw connection during this checkout.
+    _raw_pinned = False
+    # Open server-side cursors of this checkout (weak: a cursor dropped without
+    # close() no longer pins the connection once collected).
+    _server_cursors: weakref.WeakSet[Any] | None = None
+    # Uses in progress (a statement, a checkout's set-up): never released meanwhile.
+    _in_use = 0
+    # The lease whose release is queued in the hub, and the cursor of its last statement.
+    _release_scheduled: Any = None
+    _last_cursor: Any = None
+
+    # -- the raw connection: reading it from outside Django pins it -----------
+
+    @property
+    def connection(self) -> Any:
+        raw = self._raw_connection
+        if raw is not None and self._releasing and not self._raw_pinned:
+            frame = sys._getframe(1)
+            caller = frame.f_globals.get("__name__", "")
+            if caller == _PROXY_MODULE and frame.f_back is not None:
+                # django.db.connection (a ConnectionProxy) read it for its caller.
+                caller = frame.f_back.f_globals.get("__name__", "")
+            if not caller.startswith(_INTERNAL_MODULES):
+                self._raw_pinned = True
+        return raw
+
+    @connection.setter
+    def connection(self, value: Any) -> None:
+        self._raw_connection = value
+
+    # -- the mode ---------------------------------------------------------------
+
+    def _transaction_mode_configured(self) -> bool:
+        """True if this alias is set up for transaction mode (no pool needed to say)."""
+        if self.alias == NO_DB_ALIAS:  # type: ignore[attr-defined]
+            return False
+        options = self.settings_dict.get("OPTIONS") or {}  # type: ignore[attr-defined]
+        return options.get("POOL_MODE") == TRANSACTION
+
+    def _pool_in_transaction_mode(self) -> bool:
+        """True if this alias's pool (validated settings) runs in transaction mode."""
+        pool = registry.pools.get(self.alias)  # type: ignore[attr-defined]
+        if pool is None or pool.closed:
+            pool = self.geventpool  # type: ignore[attr-defined]
+            if pool is None:
+                return False
+        settings = getattr(pool, "settings", None)
+        return settings is not None and settings.pool_mode == TRANSACTION
+
+    # -- Django's hooks -----------------------------------------------------------
+
+    def connect(self) -> None:
+        if not self._pool_in_transaction_mode():
+            return super().connect()  # type: ignore[misc]
+        # Django's connect(), minus what transaction mode does elsewhere:
+        # connection_created is sent once per server connection (when the pool
+        # opens it), and pooled connections are handed out in autocommit
+        # (AUTOCOMMIT=True is required), so there is no autocommit to set.
+        self.check_settings()  # type: ignore[attr-defined]
+        self.in_atomic_block = False
+        self.savepoint_ids: list[Any] = []
+        self.atomic_blocks: list[Any] = []
+        self.needs_rollback = False
+        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        self.health_check_enabled = settings_dict["CONN_HEALTH_CHECKS"]
+        self.close_at = None
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+        self.health_check_done = True
+        # The pool's opener reads the connection parameters itself.
+        self.connection = self.get_new_connection({})  # type: ignore[attr-defined]
+        self._releasing = True
+        self.autocommit = True
+        self._in_use += 1  # the session set-up below may wait on the server
+        try:
+            self.init_connection_state()  # type: ignore[attr-defined]
+        finally:
+            self._in_use -= 1
+        self.run_on_commit: list[Any] = []
+        # A checkout that nothing uses before the greenlet waits (a cursor made
+        # early, ensure_connection()) goes back too; its first use checks out again.
+        self._release_if_idle(None)
+
+    def get_autocommit(self) -> bool:
+        if (
+            self._raw_connection is None
+            and not self.in_atomic_block  # type: ignore[has-type]
+            and self._transaction_mode_configured()
+        ):
+            # Between statements nothing is held and autocommit is on: say so
+            # without checking a connection out (on_commit() outside atomic()).
+            return True
+        return super().get_autocommit()  # type: ignore[misc]
+
+    def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
+        was_on = self.autocommit  # type: ignore[has-type]
+        super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
+        if autocommit and not was_on:
+            # The outermost atomic() ended (its on_commit callbacks ran inside
+            # super()), or a manual transaction did.
+            self._release_if_idle(None)
+
+    # Django's own I/O on the connection outside a cursor statement: the
+    # connection is in use meanwhile (a release queued earlier must wait).
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        self._in_use += 1
+        try:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def _commit(self) -> None:
+        self._in_use += 1
+        try:
+            super()._commit()  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def _rollback(self) -> None:
+        self._in_use += 1
+        try:
+            super()._rollback()  # type: ignore[misc]
+        finally:
+            self._in_use -= 1
+
+    def is_usable(self) -> bool:
+        self._in_use += 1
+        try:
+            return super().is_usable()  # type: ignore[misc, no-any-return]
+        finally:
+            self._in_use -= 1
+
+    def make_cursor(self, cursor: Any) -> Any:
+        wrapper = super().make_cursor(cursor)  # type: ignore[misc]
+        if self._releasing:
+            self._make_releasing(wrapper, cursor)
+        return wrapper
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        wrapper = super().make_debug_cursor(cursor)  # type: ignore[misc]
+        if self._releasing:
+            self._make_releasing(wrapper, cursor)
+        return wrapper
+
+    def _make_releasing(self, wrapper: Any, cursor: Any) -> None:
+        wrapper.__class__ = _releasing_class(type(wrapper))
+        wrapper._lease = self._pool_lease
+        if getattr(cursor, "name", None):
+            # A server-side cursor lives on this server connection until closed.
+            wrapper._server_side = True
+            if self._server_cursors is None:
+                self._server_cursors = weakref.WeakSet()
+            self._server_cursors.add(wrapper)
+
+    # -- giving back ----------------------------------------------------------------
+
+    def _releasable(self) -> bool:
+        """True if nothing needs the connection this checkout holds."""
+        return not (
+            self._in_use
+            or not self._releasing
+            or self.in_atomic_block  # type: ignore[has-type]
+            or not self.autocommit  # type: ignore[has-type]
+            or self._raw_pinned
+            or self._server_cursors
+        )
+
+    def _release_if_idle(self, cursor: Any) -> None:
+        """Give the connection back once this greenlet next waits, if nothing needs it then.
+
+        Called when a use ends (a statement, a server-side cursor, a transaction);
+        ``cursor`` ran the last statement. The release runs as a hub callback, that
+        is as soon as the greenlet waits on anything (an HTTP call, a sleep, a
+        lock) and before any other greenlet runs: statements that follow each
+        other without a wait share one checkout, as in session mode, and a
+        greenlet that waits holds nothing.
+        """
+        lease = self._pool_lease
+        if lease is None or not self._releasable():
+            return
+        self._last_cursor = None if cursor is None else weakref.ref(cursor)
+        if self._release_scheduled is not lease:
+            self._release_scheduled = lease
+            get_hub().loop.run_callback(self._release_when_idle, lease)
+
+    def _release_when_idle(self, lease: Any) -> None:
+        # Runs in the hub, while the greenlet that holds the lease waits.
+        self._release_scheduled = None
+        if self._pool_lease is not lease or not self._releasable():
+            return  # closed meanwhile, or in use again (its next use schedules anew)
+        pool = lease.pool
+        if pool.driver.transaction_status(lease.connection) == _ACTIVE:
+            # Talking to the server through a path we do not count: keep it (the
+            # next statement's end, or the request end, gives it back).
+            return
+        try:
+            last, self._last_cursor = self._last_cursor, None
+            cursor = last() if last is not None else None
+            if cursor is not None and self._buffers_results:
+                raw_cursor = cursor.cursor
+                if (not isinstance(raw_cursor, _FetchedRows) and not raw_cursor.closed
+                        and raw_cursor.description is not None):
+                    cursor.cursor = _FetchedRows(raw_cursor)
+            self._end_pool_mode_checkout()
+            self._pool_lease = None
+            self.connection = None
+            if pool.reset_query or pool.driver.transaction_status(lease.connection) != 0:
+                # A return that does I/O (reset query, rollback) cannot run in the hub.
+                spawn(pool.checkin, lease)
+            else:
+                pool.checkin(lease)
+        except Exception:
+            logger.exception("pool %r: giving a connection back failed", lease.pool.name)
+
+    @property
+    def _buffers_results(self) -> bool:
+        return _driver_is_psycopg2()
+
+    def _end_pool_mode_checkout(self) -> None:
+        """Forget what pinned the checkout that ends (released or closed)."""
+        self._releasing = False
+        self._raw_pinned = False
+        self._server_cursors = None
+        self._last_cursor = None
+
+    def _announce_server_connection(self, raw: Any) -> None:
+        """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
+        previous, self.connection = self._raw_connection, raw
+        releasing, self._releasing = self._releasing, False
+        try:
+            connection_created.send(sender=self.__class__, connection=self)
+        finally:
+            self.connection = previous
+            self._releasing = releasing
