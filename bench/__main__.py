@@ -35,8 +35,15 @@ WORKER_TIMEOUT = 240
 logger = logging.getLogger("bench")
 
 QUICK_SIZES = Sizes(
-    overhead_n=50, concurrency=(1, 10, 200), queries=(1, 5), duration=0.1, warmup=0.05,
-    waiters=(10, 200), waiting_checkouts=400, wait_ms=(5,), wait_concurrency=(20,),
+    overhead_n=50,
+    concurrency=(1, 10, 200),
+    queries=(1, 5),
+    duration=0.1,
+    warmup=0.05,
+    waiters=(10, 200),
+    waiting_checkouts=400,
+    wait_ms=(5,),
+    wait_concurrency=(20,),
     wait_duration=0.1,
 )
 WORKLOADS = ("overhead", "throughput", "waiting", "external_wait")
@@ -56,9 +63,16 @@ def worker_pythonpath() -> Path:
     return path
 
 
-def run_worker_process(ref: Reference, config: dict, *, label: str, python: str | None = None,
-                       timeout: float = WORKER_TIMEOUT, extra_env: dict[str, str] | None = None,
-                       wrapper: tuple[str, ...] = ()) -> dict:
+def run_worker_process(
+    ref: Reference,
+    config: dict,
+    *,
+    label: str,
+    python: str | None = None,
+    timeout: float = WORKER_TIMEOUT,
+    extra_env: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
+) -> dict:
     """Run `bench.worker` on ``config`` in a new process (under ``wrapper``, e.g. valgrind,
     if given) with ``ref``'s virtualenv, or ``python``; return what it wrote to
     ``config["output"]``."""
@@ -70,17 +84,39 @@ def run_worker_process(ref: Reference, config: dict, *, label: str, python: str 
     env.pop("DJANGO_SETTINGS_MODULE", None)
     started = time.monotonic()
     proc = subprocess.run(
-        [*wrapper, python, "-P", "-m", "gevent.monkey", "--module", "bench.worker", str(config_path)],
-        cwd=output.parent, env=env, timeout=timeout, capture_output=True, text=True,
+        [
+            *wrapper,
+            python,
+            "-P",
+            "-m",
+            "gevent.monkey",
+            "--module",
+            "bench.worker",
+            str(config_path),
+        ],
+        cwd=output.parent,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{label} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{label} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}"
+        )
     logger.info("%-40s %.1fs", label, time.monotonic() - started)
     return json.loads(output.read_text())
 
 
-def run_worker(ref: Reference, db: dict, sizes: Sizes, output: Path, python: str | None = None,
-               timeout: float = WORKER_TIMEOUT, workloads: tuple[str, ...] = WORKLOADS) -> dict:
+def run_worker(
+    ref: Reference,
+    db: dict,
+    sizes: Sizes,
+    output: Path,
+    python: str | None = None,
+    timeout: float = WORKER_TIMEOUT,
+    workloads: tuple[str, ...] = WORKLOADS,
+) -> dict:
     """Run one round of ``ref`` in a new process; return its results."""
     config = {
         "reference": dataclasses.asdict(ref),
@@ -102,7 +138,7 @@ def split_names(text: str) -> list[str]:
             current = ""
         else:
             current += char
-    return [name for name in names + [current] if name]
+    return [name for name in [*names, current] if name]
 
 
 def machine_info() -> dict:
@@ -126,11 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated reference names")
-    parser.add_argument("--workloads", default="", help="comma-separated workloads "
-                        f"({', '.join(WORKLOADS)}; default: all)")
+    parser.add_argument(
+        "--workloads",
+        default="",
+        help=f"comma-separated workloads ({', '.join(WORKLOADS)}; default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
-    parser.add_argument("--out", default=None,
-                        help="where the report goes (default: docs/, or the run's results with --quick)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where the report goes (default: docs/, or the run's results with --quick)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -144,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK_SIZES if args.quick else Sizes()
     workloads = tuple(args.workloads.split(",")) if args.workloads else WORKLOADS
     if set(workloads) - set(WORKLOADS):
-        parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; known: {WORKLOADS}")
+        parser.error(
+            f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; known: {WORKLOADS}"
+        )
 
     started = time.monotonic()
     machine = machine_info()
@@ -162,19 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()[0]
     machine["seconds"] = round(time.monotonic() - started)
     summary = report.summarize(results)
-    (run_dir / "summary.json").write_text(json.dumps({"machine": machine, "summary": summary}, indent=1))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"machine": machine, "summary": summary}, indent=1)
+    )
     out = Path(args.out) if args.out else run_dir if args.quick else ROOT / "docs"
     out.mkdir(parents=True, exist_ok=True)
     command = "make bench" if not args.quick else "python -m bench --quick"
     if args.only or args.workloads:
-        command = "make bench BENCH_ARGS='" + " ".join(
-            a for a in (f"--only {args.only}" if args.only else "",
-                        f"--workloads {args.workloads}" if args.workloads else "",
-                        f"--rounds {args.rounds}", "--quick" if args.quick else "") if a) + "'"
+        command = (
+            "make bench BENCH_ARGS='"
+            + " ".join(
+                a
+                for a in (
+                    f"--only {args.only}" if args.only else "",
+                    f"--workloads {args.workloads}" if args.workloads else "",
+                    f"--rounds {args.rounds}",
+                    "--quick" if args.quick else "",
+                )
+                if a
+            )
+            + "'"
+        )
     report.write_markdown(out / "benchmarks.md", summary, machine, args.rounds, sizes, command)
     report.write_plot(out / "benchmarks.png", summary)
-    logger.info("wrote %s and %s in %ds", out / "benchmarks.md", out / "benchmarks.png",
-                machine["seconds"])
+    logger.info(
+        "wrote %s and %s in %ds", out / "benchmarks.md", out / "benchmarks.png", machine["seconds"]
+    )
     return 0
 
 

@@ -71,11 +71,21 @@ def _cachegrind_totals(path: Path) -> dict[str, int]:
 
 def _stem(subject: Subject, waiters: int, checkouts: int) -> str:
     """A file name stem for one run."""
-    return "".join(c if c.isalnum() or c == "-" else "_" for c in f"{subject.label}-{waiters}-{checkouts}")
+    return "".join(
+        c if c.isalnum() or c == "-" else "_" for c in f"{subject.label}-{waiters}-{checkouts}"
+    )
 
 
-def run_waiting_worker(subject: Subject, waiters: int, checkouts: int, *, db: dict, run_dir: Path,
-                       python: str | None = None, trace: Path | None = None) -> dict:
+def run_waiting_worker(
+    subject: Subject,
+    waiters: int,
+    checkouts: int,
+    *,
+    db: dict,
+    run_dir: Path,
+    python: str | None = None,
+    trace: Path | None = None,
+) -> dict:
     """Run the waiting workload once in a worker process (under cachegrind when ``trace``
     names its output file); the worker's result."""
     stem = _stem(subject, waiters, checkouts)
@@ -87,18 +97,31 @@ def run_waiting_worker(subject: Subject, waiters: int, checkouts: int, *, db: di
     }
     wrapper: tuple[str, ...] = ()
     if trace is not None:
-        wrapper = ("valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={LAST_LEVEL_CACHE}",
-                   f"--cachegrind-out-file={trace}")
+        wrapper = (
+            "valgrind",
+            "--tool=cachegrind",
+            "--cache-sim=yes",
+            f"--LL={LAST_LEVEL_CACHE}",
+            f"--cachegrind-out-file={trace}",
+        )
     # A fixed hash seed: the same dict layouts, so the same work, in every run.
-    result = run_worker_process(subject.ref, config, label=stem, python=python, timeout=1800,
-                                extra_env={"PYTHONHASHSEED": "0"}, wrapper=wrapper)
+    result = run_worker_process(
+        subject.ref,
+        config,
+        label=stem,
+        python=python,
+        timeout=1800,
+        extra_env={"PYTHONHASHSEED": "0"},
+        wrapper=wrapper,
+    )
     if result["errors"]:
         raise RuntimeError(f"{stem}: {result['errors']} checkouts failed")
     return result
 
 
-def run_once(subject: Subject, waiters: int, checkouts: int, *, db: dict,
-             run_dir: Path) -> tuple[dict, dict[str, int]]:
+def run_once(
+    subject: Subject, waiters: int, checkouts: int, *, db: dict, run_dir: Path
+) -> tuple[dict, dict[str, int]]:
     """One run under cachegrind: the worker's result and cachegrind's event totals."""
     trace = run_dir / f"{_stem(subject, waiters, checkouts)}.cachegrind"
     result = run_waiting_worker(subject, waiters, checkouts, db=db, run_dir=run_dir, trace=trace)
@@ -107,6 +130,7 @@ def run_once(subject: Subject, waiters: int, checkouts: int, *, db: dict,
 
 def per_checkout(short: dict[str, int], long: dict[str, int], checkouts: int) -> dict[str, float]:
     """Instructions and misses of one checkout, from two runs that differ by ``checkouts``."""
+
     def delta(*events: str) -> float:
         return sum(long[e] - short[e] for e in events) / checkouts
 
@@ -117,8 +141,14 @@ def per_checkout(short: dict[str, int], long: dict[str, int], checkouts: int) ->
     }
 
 
-def write_markdown(path: Path, rows: dict[str, dict[int, dict[str, float]]], machine: dict,
-                   short: int, long: int, versions: str) -> None:
+def write_markdown(
+    path: Path,
+    rows: dict[str, dict[int, dict[str, float]]],
+    machine: dict,
+    short: int,
+    long: int,
+    versions: str,
+) -> None:
     lines = [
         "# Benchmarks: the work of a checkout, counted",
         "",
@@ -216,15 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     with bench_database(max_connections=str(20 + (MAX_CONNS + 1) * parallel)) as (_, db):
         with ThreadPoolExecutor(max_workers=parallel) as executor:
             futures = {
-                (subject.label, w, n): executor.submit(run_once, subject, w, n, db=db, run_dir=run_dir)
-                for subject in subjects for w in waiters for n in (args.short, args.long)
+                (subject.label, w, n): executor.submit(
+                    run_once, subject, w, n, db=db, run_dir=run_dir
+                )
+                for subject in subjects
+                for w in waiters
+                for n in (args.short, args.long)
             }
             runs = {key: future.result() for key, future in futures.items()}
     totals = {key: counted for key, (_, counted) in runs.items()}
     rows = {
         subject.label: {
-            w: per_checkout(totals[(subject.label, w, args.short)],
-                            totals[(subject.label, w, args.long)], args.long - args.short)
+            w: per_checkout(
+                totals[(subject.label, w, args.short)],
+                totals[(subject.label, w, args.long)],
+                args.long - args.short,
+            )
             for w in waiters
         }
         for subject in subjects
@@ -234,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     # The versions of the first run's process (every subject runs Python, Django and gevent).
     meta = next(iter(runs.values()))[0]["meta"]
     found = meta["versions"]
-    versions = (f"Python {meta['python']}, Django {found['django']}, gevent {found['gevent']}, "
-                f"greenlet {found['greenlet']}")
+    versions = (
+        f"Python {meta['python']}, Django {found['django']}, gevent {found['gevent']}, "
+        f"greenlet {found['greenlet']}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(out / "benchmarks-work.md", rows, machine, args.short, args.long, versions)

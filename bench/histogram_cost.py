@@ -11,7 +11,8 @@ each; prints the best CPU time per cycle of each and the difference.
   PostgreSQL, the backend's pool class swapped between the two pool.py versions.
 
 Run it in a test virtualenv (it imports tests/), e.g.
-``DJANGO_SETTINGS_MODULE=tests.settings.psycopg3 .venvs/py311-dj52-psycopg3/bin/python -m bench.histogram_cost --django``.
+``DJANGO_SETTINGS_MODULE=tests.settings.psycopg3 \
+.venvs/py311-dj52-psycopg3/bin/python -m bench.histogram_cost --django``.
 """
 
 from gevent import monkey
@@ -22,7 +23,6 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from time import process_time  # noqa: E402
 
@@ -36,13 +36,19 @@ sys.path.insert(0, str(ROOT))
 
 def load_pool_at(revision: str):
     """pool.py as of ``revision``, imported as a sibling module of the package."""
-    source = subprocess.run(["git", "show", f"{revision}:django_db_geventpool/pool.py"],
-                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:django_db_geventpool/pool.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = ROOT / "django_db_geventpool" / "_pool_before_histograms.py"
     path.write_text(source)
     try:
         spec = importlib.util.spec_from_file_location(
-            "django_db_geventpool._pool_before_histograms", path)
+            "django_db_geventpool._pool_before_histograms", path
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
@@ -129,12 +135,18 @@ def main() -> int:
         count = args.n or 100_000
         measure = lambda cls: per_cycle(cls, FakeDriver(), count)  # noqa: E731
         best = _alternate(measure, before.ConnectionPool, now.ConnectionPool, args.rounds)
-    print(f"{count} cycles per round, {'through Django + psycopg' if args.django else 'pool alone'}")
+    print(
+        f"{count} cycles per round, {'through Django + psycopg' if args.django else 'pool alone'}"
+    )
     for name, seconds in best.items():
-        print(f"{name:<18} {seconds * 1e6:.2f} µs CPU per checkout + checkin (best of {args.rounds})")
+        print(
+            f"{name:<18} {seconds * 1e6:.2f} µs CPU per checkout + checkin (best of {args.rounds})"
+        )
     delta = best["with histograms"] - best["without (before)"]
-    print(f"histograms cost     {delta * 1e6:+.2f} µs per cycle "
-          f"({delta / best['without (before)'] * 100:+.1f}%)")
+    print(
+        f"histograms cost     {delta * 1e6:+.2f} µs per cycle "
+        f"({delta / best['without (before)'] * 100:+.1f}%)"
+    )
     return 0
 
 

@@ -52,8 +52,10 @@ def main() -> int:
             wall, cpu = perf_counter(), process_time()
             cycles(args.n)
             wall, cpu = perf_counter() - wall, process_time() - cpu
-            print(f"{ref.name}: {cpu / args.n * 1e6:.1f} µs CPU, "
-                f"{wall / args.n * 1e6:.1f} µs wall per cycle")
+            print(
+                f"{ref.name}: {cpu / args.n * 1e6:.1f} µs CPU, "
+                f"{wall / args.n * 1e6:.1f} µs wall per cycle"
+            )
             profiler = Profiler(interval=0.0001)
             profiler.start()
             cycles(args.n)

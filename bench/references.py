@@ -18,7 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Reference", "REFERENCES", "MAX_CONNS", "QUERY_SQL", "django_settings", "make_client", "raw_connect"]
+__all__ = [
+    "Reference",
+    "REFERENCES",
+    "MAX_CONNS",
+    "QUERY_SQL",
+    "django_settings",
+    "make_client",
+    "raw_connect",
+]
 
 # The pool size of every capped reference.
 MAX_CONNS = 10
@@ -51,68 +59,107 @@ REFERENCES: dict[str, Reference] = {
     ref.name: ref
     for ref in (
         Reference(
-            "raw_limit", "bench-psycopg2", "psycopg2", "raw",
+            "raw_limit",
+            "bench-psycopg2",
+            "psycopg2",
+            "raw",
             "psycopg2 (green) connections in a gevent LifoQueue, the SQL the ORM emits, no Django",
             external_wait=False,
         ),
         Reference(
-            "orm_held[psycopg2]", "bench-psycopg2", "psycopg2", "orm_held",
+            "orm_held[psycopg2]",
+            "bench-psycopg2",
+            "psycopg2",
+            "orm_held",
             "Django ORM, one connection held per greenlet for the whole run (no pool, no cap)",
             capped=False,
         ),
         Reference(
-            "orm_held[psycopg3]", "bench-psycopg3", "psycopg3", "orm_held",
+            "orm_held[psycopg3]",
+            "bench-psycopg3",
+            "psycopg3",
+            "orm_held",
             "Django ORM, one connection held per greenlet for the whole run (no pool, no cap)",
             capped=False,
         ),
         Reference(
-            "no_pool", "bench-psycopg2", "psycopg2", "no_pool",
+            "no_pool",
+            "bench-psycopg2",
+            "psycopg2",
+            "no_pool",
             "Django's stock backend, CONN_MAX_AGE=0: a new connection per request",
             capped=False,
             external_wait=False,
         ),
         Reference(
-            "django_pool", "bench-psycopg3", "psycopg3", "django_pool",
+            "django_pool",
+            "bench-psycopg3",
+            "psycopg3",
+            "django_pool",
             'Django\'s own OPTIONS["pool"] (psycopg_pool), min_size=max_size=10',
         ),
         Reference(
-            "django_pool+checks", "bench-psycopg3", "psycopg3", "django_pool",
+            "django_pool+checks",
+            "bench-psycopg3",
+            "psycopg3",
+            "django_pool",
             'Django\'s own OPTIONS["pool"] with CONN_HEALTH_CHECKS=True',
             health_checks=True,
             external_wait=False,
         ),
         Reference(
-            "old_geventpool", "bench-old", "psycopg2", "old",
+            "old_geventpool",
+            "bench-old",
+            "psycopg2",
+            "old",
             "django-db-geventpool 4.0.8 from PyPI, psycopg2 + psycogreen, MAX_CONNS=10",
         ),
         Reference(
-            "ours[psycopg3]", "bench-psycopg3", "psycopg3", "ours",
+            "ours[psycopg3]",
+            "bench-psycopg3",
+            "psycopg3",
+            "ours",
             "this package, psycopg 3, MAX_CONNS=10, HEALTH_CHECK_DELAY default (1 s)",
         ),
         Reference(
-            "ours[psycopg3,hc=0]", "bench-psycopg3", "psycopg3", "ours",
+            "ours[psycopg3,hc=0]",
+            "bench-psycopg3",
+            "psycopg3",
+            "ours",
             "this package, psycopg 3, MAX_CONNS=10, HEALTH_CHECK_DELAY=0 "
             "(round trip each checkout)",
             options={"HEALTH_CHECK_DELAY": 0},
             external_wait=False,
         ),
         Reference(
-            "ours[psycopg3,tx]", "bench-psycopg3", "psycopg3", "ours",
+            "ours[psycopg3,tx]",
+            "bench-psycopg3",
+            "psycopg3",
+            "ours",
             'this package, psycopg 3, MAX_CONNS=10, POOL_MODE="transaction"',
             options={"POOL_MODE": "transaction"},
         ),
         Reference(
-            "ours[psycopg2]", "bench-psycopg2", "psycopg2", "ours",
+            "ours[psycopg2]",
+            "bench-psycopg2",
+            "psycopg2",
+            "ours",
             "this package, psycopg2 + psycogreen, MAX_CONNS=10, HEALTH_CHECK_DELAY default (1 s)",
         ),
         Reference(
-            "ours[psycopg2,hc=0]", "bench-psycopg2", "psycopg2", "ours",
+            "ours[psycopg2,hc=0]",
+            "bench-psycopg2",
+            "psycopg2",
+            "ours",
             "this package, psycopg2 + psycogreen, MAX_CONNS=10, HEALTH_CHECK_DELAY=0",
             options={"HEALTH_CHECK_DELAY": 0},
             external_wait=False,
         ),
         Reference(
-            "ours[psycopg2,tx]", "bench-psycopg2", "psycopg2", "ours",
+            "ours[psycopg2,tx]",
+            "bench-psycopg2",
+            "psycopg2",
+            "ours",
             'this package, psycopg2 + psycogreen, MAX_CONNS=10, POOL_MODE="transaction"',
             options={"POOL_MODE": "transaction"},
         ),
@@ -249,4 +296,3 @@ def make_client(ref: Reference, dsn: str) -> DjangoClient | RawClient:
     if ref.kind == "raw":
         return RawClient(ref.driver, f"{dsn} application_name=bench-{ref.slug}", MAX_CONNS)
     return DjangoClient()
-

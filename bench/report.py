@@ -43,12 +43,20 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
         if not rounds:
             continue
         med = statistics.median
-        overhead = ({k: med(r["overhead"][k] for r in rounds) for k in rounds[0]["overhead"]}
-                    if "overhead" in rounds[0] else None)
+        overhead = (
+            {k: med(r["overhead"][k] for r in rounds) for k in rounds[0]["overhead"]}
+            if "overhead" in rounds[0]
+            else None
+        )
         throughput: dict[str, dict[str, Any]] = {}
         for row in rounds[0].get("throughput", ()):
             key = _key(row["queries"], row["concurrency"])
-            same = [t for r in rounds for t in r["throughput"] if _key(t["queries"], t["concurrency"]) == key]
+            same = [
+                t
+                for r in rounds
+                for t in r["throughput"]
+                if _key(t["queries"], t["concurrency"]) == key
+            ]
             throughput[key] = {
                 "queries": row["queries"],
                 "concurrency": row["concurrency"],
@@ -64,8 +72,12 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
         external: dict[str, dict[str, Any]] = {}
         for row in rounds[0].get("external_wait") or ():
             key = _wait_key(row["wait_ms"], row["concurrency"])
-            same = [t for r in rounds for t in r["external_wait"]
-                    if _wait_key(t["wait_ms"], t["concurrency"]) == key]
+            same = [
+                t
+                for r in rounds
+                for t in r["external_wait"]
+                if _wait_key(t["wait_ms"], t["concurrency"]) == key
+            ]
             external[key] = {
                 "wait_ms": row["wait_ms"],
                 "concurrency": row["concurrency"],
@@ -131,7 +143,9 @@ def _fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def waiting_spread(waiting: dict[str, Any] | None, measure: str = "cpu_us_per_checkout") -> float | None:
+def waiting_spread(
+    waiting: dict[str, Any] | None, measure: str = "cpu_us_per_checkout"
+) -> float | None:
     """max/min of the cost per checkout over the waiter counts (1.0 = flat)."""
     if not waiting:
         return None
@@ -149,9 +163,16 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if old is not None and ours["overhead"] and old["overhead"]:
             for clock, label in (("", "wall"), ("cpu_", "CPU")):
-                ratio = _ratio(ours["overhead"][clock + "overhead_us"], old["overhead"][clock + "overhead_us"])
-                rows.append({"target": f"{name}: checkout overhead ({label}) ≤ 0.25× {OLD}",
-                             "value": ratio, "met": ratio is not None and 0 <= ratio <= 0.25})
+                ratio = _ratio(
+                    ours["overhead"][clock + "overhead_us"], old["overhead"][clock + "overhead_us"]
+                )
+                rows.append(
+                    {
+                        "target": f"{name}: checkout overhead ({label}) ≤ 0.25× {OLD}",
+                        "value": ratio,
+                        "met": ratio is not None and 0 <= ratio <= 0.25,
+                    }
+                )
         # At 200 greenlets; a smaller run (the smoke test) uses its highest concurrency.
         levels = [r["concurrency"] for r in ours["throughput"].values() if r["queries"] == 1]
         level = TARGET_CONCURRENCY if TARGET_CONCURRENCY in levels else max(levels, default=None)
@@ -160,20 +181,35 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             rps = ours["throughput"][key]["rps"]
             if old is not None and key in old["throughput"]:
                 ratio = _ratio(rps, old["throughput"][key]["rps"])
-                rows.append({"target": f"{name}: 1-query req/s at {level} ≥ 1.5× {OLD}",
-                             "value": ratio, "met": ratio is not None and ratio >= 1.5})
+                rows.append(
+                    {
+                        "target": f"{name}: 1-query req/s at {level} ≥ 1.5× {OLD}",
+                        "value": ratio,
+                        "met": ratio is not None and ratio >= 1.5,
+                    }
+                )
             held = summary.get(orm_held_of(ours["meta"]))
             if held is not None and key in held["throughput"]:
                 ratio = _ratio(rps, held["throughput"][key]["rps"])
-                rows.append({"target": f"{name}: 1-query req/s at {level} ≥ 0.9× "
-                                       f"{orm_held_of(ours['meta'])}",
-                             "value": ratio, "met": ratio is not None and ratio >= 0.9})
+                rows.append(
+                    {
+                        "target": f"{name}: 1-query req/s at {level} ≥ 0.9× "
+                        f"{orm_held_of(ours['meta'])}",
+                        "value": ratio,
+                        "met": ratio is not None and ratio >= 0.9,
+                    }
+                )
         for measure, label in (("cpu_us_per_checkout", "CPU"), ("us_per_checkout", "wall")):
             spread = waiting_spread(ours["waiting"], measure)
             if spread is not None:
-                rows.append({"target": f"{name}: checkout cost ({label}) flat over waiter counts, "
-                                       "max/min ≤ 1.2",
-                             "value": spread, "met": spread <= 1.2})
+                rows.append(
+                    {
+                        "target": f"{name}: checkout cost ({label}) flat over waiter counts, "
+                        "max/min ≤ 1.2",
+                        "value": spread,
+                        "met": spread <= 1.2,
+                    }
+                )
     rows += _transaction_mode_targets(summary)
     return rows
 
@@ -201,34 +237,64 @@ def _transaction_mode_targets(summary: dict[str, dict[str, Any]]) -> list[dict[s
             held = summary.get(orm_held_of(tx["meta"]))
             if held is not None and key in held["external_wait"]:
                 ratio = _ratio(row["rps"], held["external_wait"][key]["rps"])
-                rows.append({"target": f"{tx_name}: external wait {wait:g} ms at {level}, req/s ≥ "
-                                       f"0.85× {orm_held_of(tx['meta'])}",
-                             "value": ratio, "met": ratio is not None and ratio >= 0.85})
-            rows.append({"target": f"{tx_name}: external wait {wait:g} ms at {level}, peak server "
-                                   "connections ≤ MAX_CONNS (10), shown as peak/10",
-                         "value": row["peak_conns"] / 10, "met": row["peak_conns"] <= 10})
+                rows.append(
+                    {
+                        "target": f"{tx_name}: external wait {wait:g} ms at {level}, req/s ≥ "
+                        f"0.85× {orm_held_of(tx['meta'])}",
+                        "value": ratio,
+                        "met": ratio is not None and ratio >= 0.85,
+                    }
+                )
+            rows.append(
+                {
+                    "target": f"{tx_name}: external wait {wait:g} ms at {level}, peak server "
+                    "connections ≤ MAX_CONNS (10), shown as peak/10",
+                    "value": row["peak_conns"] / 10,
+                    "met": row["peak_conns"] <= 10,
+                }
+            )
             if ours is not None and key in ours["external_wait"]:
                 ratio = _ratio(row["rps"], ours["external_wait"][key]["rps"])
-                rows.append({"target": f"{tx_name}: external wait {wait:g} ms at {level}, req/s ≥ "
-                                       f"4× {session}",
-                             "value": ratio, "met": ratio is not None and ratio >= 4})
+                rows.append(
+                    {
+                        "target": f"{tx_name}: external wait {wait:g} ms at {level}, req/s ≥ "
+                        f"4× {session}",
+                        "value": ratio,
+                        "met": ratio is not None and ratio >= 4,
+                    }
+                )
         if ours is not None:
             for queries in sorted({r["queries"] for r in tx["throughput"].values()}):
-                levels = [r["concurrency"] for r in tx["throughput"].values() if r["queries"] == queries]
+                levels = [
+                    r["concurrency"] for r in tx["throughput"].values() if r["queries"] == queries
+                ]
                 level = TARGET_CONCURRENCY if TARGET_CONCURRENCY in levels else max(levels)
                 key = _key(queries, level)
                 if key not in ours["throughput"]:
                     continue
-                ratio = _ratio(tx["throughput"][key]["cpu_us_per_request"],
-                               ours["throughput"][key]["cpu_us_per_request"])
-                rows.append({"target": f"{tx_name}: CPU per {queries}-query request at {level} "
-                                       f"≤ 1.10× {session}",
-                             "value": ratio, "met": ratio is not None and ratio <= 1.10})
+                ratio = _ratio(
+                    tx["throughput"][key]["cpu_us_per_request"],
+                    ours["throughput"][key]["cpu_us_per_request"],
+                )
+                rows.append(
+                    {
+                        "target": f"{tx_name}: CPU per {queries}-query request at {level} "
+                        f"≤ 1.10× {session}",
+                        "value": ratio,
+                        "met": ratio is not None and ratio <= 1.10,
+                    }
+                )
     return rows
 
 
-def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict[str, Any],
-                   rounds: int, sizes: Any, command: str) -> None:
+def write_markdown(
+    path: Path,
+    summary: dict[str, dict[str, Any]],
+    machine: dict[str, Any],
+    rounds: int,
+    sizes: Any,
+    command: str,
+) -> None:
     names = list(summary)
     old = summary.get(OLD)
     lines: list[str] = [
@@ -258,7 +324,10 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "|---|---|---|",
     ]
     for row in targets(summary):
-        lines.append(f"| {row['target']} | {_fmt_ratio(row['value'])} | {'yes' if row['met'] else '**no**'} |")
+        lines.append(
+            f"| {row['target']} | {_fmt_ratio(row['value'])} | "
+            f"{'yes' if row['met'] else '**no**'} |"
+        )
 
     lines += [
         "",
@@ -266,12 +335,13 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         "",
         "- *Overhead* is what a request pays for checking a connection out and giving it back, "
         "measured as in a request: between ORM queries, with the CPU caches the query leaves "
-        "behind. The same cycle run in a tight loop with no query (\"checkout+return alone\") "
+        'behind. The same cycle run in a tight loop with no query ("checkout+return alone") '
         "costs about half as much: the difference is cache misses, for every pool alike.",
         "- *Throughput* with `MAX_CONNS=10` on 2 cores is bounded by the benchmark process's own "
         "CPU: the ORM query costs far more Python than any pool, and the CPU time per request is "
         "in the latency tables. A pool can only remove its own share of it.",
-        "- `old_geventpool` (and `raw_limit`) hand connections out through a gevent queue that lets "
+        "- `old_geventpool` (and `raw_limit`) hand connections out through a gevent queue that "
+        "lets "
         "a greenlet take back the connection it has just returned ahead of older waiters: fewer "
         "greenlet switches, a low p50, and a p99 many times higher. Ours serves waiters first "
         "come, first served (DESIGN.md), so its p99 stays close to its p50.",
@@ -292,35 +362,52 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
             "## Scale of waiting",
             "",
             "`waiters + MAX_CONNS` greenlets loop over checkout, a yield while holding, return, on "
-            "`MAX_CONNS=10` (no query), timed in the steady state: µs per checkout with about that many "
-            "checkouts queued. First the CPU time of the benchmark process (the work itself, whatever "
+            "`MAX_CONNS=10` (no query), timed in the steady state: µs per checkout with about "
+            "that many "
+            "checkouts queued. First the CPU time of the benchmark process (the work itself, "
+            "whatever "
             "else ran on the machine), then wall time. References without a cap have no queue. "
             f"`{FLOOR}` is no pool at all: a slot count and a queue of gevent hub `Waiter`s "
-            "served in order, the least a first-come-first-served pool has to do; its growth is the "
+            "served in order, the least a first-come-first-served pool has to do; its growth is "
+            "the "
             "hub's (the greenlet woken has waited longest, so its memory is the coldest). "
-            "The gevent queues of `raw_limit` and `old_geventpool` are not first come, first served: "
+            "The gevent queues of `raw_limit` and `old_geventpool` are not first come, first "
+            "served: "
             "a greenlet that gives a connection back takes it again ahead of the waiters.",
             "",
-            "| reference | " + " | ".join(f"{w:,} waiters: CPU / wall µs" for w in sizes.waiters)
+            "| reference | "
+            + " | ".join(f"{w:,} waiters: CPU / wall µs" for w in sizes.waiters)
             + " | CPU max/min | wall max/min |",
             "|---|" + "---:|" * (len(sizes.waiters) + 2),
         ]
-        rows = [(f"`{n}`", summary[n]["waiting"]) for n in names if summary[n]["waiting"] is not None]
-        rows += [(f"`{FLOOR}`", summary[n]["waiting_floor"]) for n in names
-                 if summary[n].get("waiting_floor")]
+        rows = [
+            (f"`{n}`", summary[n]["waiting"]) for n in names if summary[n]["waiting"] is not None
+        ]
+        rows += [
+            (f"`{FLOOR}`", summary[n]["waiting_floor"])
+            for n in names
+            if summary[n].get("waiting_floor")
+        ]
         for label, waiting in rows:
-            cells = [f"{waiting[str(w)]['cpu_us_per_checkout']:.1f} / {waiting[str(w)]['us_per_checkout']:.1f}"
-                     for w in sizes.waiters]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt_ratio(waiting_spread(waiting))} | "
-                         f"{_fmt_ratio(waiting_spread(waiting, 'us_per_checkout'))} |")
+            cells = [
+                f"{waiting[str(w)]['cpu_us_per_checkout']:.1f} / "
+                f"{waiting[str(w)]['us_per_checkout']:.1f}"
+                for w in sizes.waiters
+            ]
+            lines.append(
+                f"| {label} | " + " | ".join(cells) + f" | {_fmt_ratio(waiting_spread(waiting))} | "
+                f"{_fmt_ratio(waiting_spread(waiting, 'us_per_checkout'))} |"
+            )
         lines += [
             "",
             "What grows, counted instruction by instruction and cache miss by cache miss rather "
             "than timed: [benchmarks-work.md](benchmarks-work.md) (`make bench-work`).",
         ]
 
-    load_level = next((summary[n]["rss_load_concurrency"] for n in names
-                       if summary[n]["rss_load_concurrency"]), None)
+    load_level = next(
+        (summary[n]["rss_load_concurrency"] for n in names if summary[n]["rss_load_concurrency"]),
+        None,
+    )
     if load_level is not None:
         lines += [
             "",
@@ -334,22 +421,31 @@ def write_markdown(path: Path, summary: dict[str, dict[str, Any]], machine: dict
         ]
         for n in names:
             load = summary[n]["rss_load_mb"]
-            lines.append(f"| `{n}` | {summary[n]['rss_rest_mb']:.1f} | "
-                         f"{'—' if load is None else f'{load:.1f}'} |")
+            lines.append(
+                f"| `{n}` | {summary[n]['rss_rest_mb']:.1f} | "
+                f"{'—' if load is None else f'{load:.1f}'} |"
+            )
 
     versions: dict[str, str] = {}
     for n in names:
         for dist, version in summary[n]["meta"]["versions"].items():
             versions.setdefault(dist, version)
     old_version = summary[OLD]["meta"]["versions"].get("django-db-geventpool") if old else None
-    ours_version = next((summary[n]["meta"]["versions"].get("django-db-geventpool")
-                         for n in names if summary[n]["meta"]["kind"] == "ours"), None)
+    ours_version = next(
+        (
+            summary[n]["meta"]["versions"].get("django-db-geventpool")
+            for n in names
+            if summary[n]["meta"]["kind"] == "ours"
+        ),
+        None,
+    )
     versions.pop("django-db-geventpool", None)
     lines += [
         "",
         "## Versions and machine",
         "",
-        f"- Python {summary[names[0]]['meta']['python']}, PostgreSQL {machine.get('postgresql', '?')}",
+        f"- Python {summary[names[0]]['meta']['python']}, PostgreSQL "
+        f"{machine.get('postgresql', '?')}",
         "- " + ", ".join(f"{d} {v}" for d, v in sorted(versions.items())),
         f"- django-db-geventpool: ours {ours_version or '—'}, old {old_version or '—'}",
         f"- {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']}; load average "
@@ -371,16 +467,18 @@ def _overhead_table(summary: dict[str, dict[str, Any]], names: list[str], sizes:
         "",
         "## Checkout overhead",
         "",
-        f"One greenlet, {sizes.overhead_n} iterations of checkout + `Item.objects.filter(pk=1).exists()` "
+        f"One greenlet, {sizes.overhead_n} iterations of checkout + "
+        "`Item.objects.filter(pk=1).exists()` "
         "+ return (request end: `close_if_unusable_or_obsolete()`), minus the same query on a "
         "connection held throughout (the median of per-block differences, blocks alternating). "
-        "µs per checkout. \"checkout+return alone\" is the same cycle with no query at all. The CPU "
+        'µs per checkout. "checkout+return alone" is the same cycle with no query at all. The CPU '
         "columns are the same measures in CPU time of the benchmark process: they leave out the "
         "server's side of a round trip (so they understate what a health-check query costs) and "
         "whatever else the machine was doing.",
         "",
         "| reference | held query µs | checkout+query+return µs | overhead µs | overhead × "
-        f"`{OLD}` | cycle × `orm_held` | checkout+return alone µs | overhead CPU µs | overhead CPU × "
+        f"`{OLD}` | cycle × `orm_held` | checkout+return alone µs | overhead CPU µs | overhead "
+        "CPU × "
         f"`{OLD}` | checkout+return alone CPU µs |",
         "|---|" + "---:|" * 9,
     ]
@@ -390,17 +488,22 @@ def _overhead_table(summary: dict[str, dict[str, Any]], names: list[str], sizes:
         if held is not None and not held["overhead"]:
             held = None
         to_old = _ratio(o["overhead_us"], old["overhead"]["overhead_us"]) if old else None
-        cpu_to_old = _ratio(o["cpu_overhead_us"], old["overhead"]["cpu_overhead_us"]) if old else None
+        cpu_to_old = (
+            _ratio(o["cpu_overhead_us"], old["overhead"]["cpu_overhead_us"]) if old else None
+        )
         to_held = _ratio(o["cycle_us"], held["overhead"]["cycle_us"]) if held else None
-        lines.append(f"| `{n}` | {o['held_us']:.0f} | {o['cycle_us']:.0f} | {o['overhead_us']:.0f} | "
-                     f"{_fmt_ratio(to_old)} | {_fmt_ratio(to_held)} | {o['checkout_us']:.1f} | "
-                     f"{o['cpu_overhead_us']:.0f} | {_fmt_ratio(cpu_to_old)} | {o['cpu_checkout_us']:.1f} |")
+        lines.append(
+            f"| `{n}` | {o['held_us']:.0f} | {o['cycle_us']:.0f} | {o['overhead_us']:.0f} | "
+            f"{_fmt_ratio(to_old)} | {_fmt_ratio(to_held)} | {o['checkout_us']:.1f} | "
+            f"{o['cpu_overhead_us']:.0f} | {_fmt_ratio(cpu_to_old)} | {o['cpu_checkout_us']:.1f} |"
+        )
 
     return lines
 
 
-def _throughput_tables(summary: dict[str, dict[str, Any]], queries: int,
-                       concurrency: tuple[int, ...]) -> list[str]:
+def _throughput_tables(
+    summary: dict[str, dict[str, Any]], queries: int, concurrency: tuple[int, ...]
+) -> list[str]:
     old = summary.get(OLD)
     names = [n for n in summary if _key(queries, concurrency[0]) in summary[n]["throughput"]]
     header = " | ".join(f"c={c:,}" for c in concurrency)
@@ -440,10 +543,13 @@ def _throughput_tables(summary: dict[str, dict[str, Any]], queries: int,
     ]
     for n in names:
         t = summary[n]["throughput"]
-        cells = [f"{t[_key(queries, c)]['p50_ms']:.2f} / {t[_key(queries, c)]['p99_ms']:.2f} "
-                 f"({t[_key(queries, c)]['peak_conns']} conns, {_fmt_us(t[_key(queries, c)]['cpu_us_per_request'])}"
-                 f"{_fmt_starved(t[_key(queries, c)], c)})"
-                 for c in concurrency]
+        cells = [
+            f"{t[_key(queries, c)]['p50_ms']:.2f} / {t[_key(queries, c)]['p99_ms']:.2f} "
+            f"({t[_key(queries, c)]['peak_conns']} conns, "
+            f"{_fmt_us(t[_key(queries, c)]['cpu_us_per_request'])}"
+            f"{_fmt_starved(t[_key(queries, c)], c)})"
+            for c in concurrency
+        ]
         lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
     return lines
 
@@ -459,9 +565,12 @@ def write_plot(path: Path, summary: dict[str, dict[str, Any]]) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    query_counts = sorted({row["queries"] for s in summary.values() for row in s["throughput"].values()})
-    wait_levels = sorted({row["concurrency"] for s in summary.values()
-                          for row in s["external_wait"].values()})
+    query_counts = sorted(
+        {row["queries"] for s in summary.values() for row in s["throughput"].values()}
+    )
+    wait_levels = sorted(
+        {row["concurrency"] for s in summary.values() for row in s["external_wait"].values()}
+    )
     panels = [("queries", q) for q in query_counts] + [("wait", c) for c in wait_levels]
     if not panels:
         return False
@@ -471,30 +580,45 @@ def write_plot(path: Path, summary: dict[str, dict[str, Any]]) -> bool:
         ours = entry["meta"]["kind"] == "ours"
         return ("-" if ours else "--"), (2.5 if ours else 1.2)
 
-    for ax, (kind, level) in zip(axes[0], panels):
+    for ax, (kind, level) in zip(axes[0], panels, strict=False):
         for name, entry in summary.items():
             if kind == "queries":
-                rows = sorted((r for r in entry["throughput"].values() if r["queries"] == level),
-                              key=lambda r: r["concurrency"])
+                rows = sorted(
+                    (r for r in entry["throughput"].values() if r["queries"] == level),
+                    key=lambda r: r["concurrency"],
+                )
                 xs = [r["concurrency"] for r in rows]
             else:
-                rows = sorted((r for r in entry["external_wait"].values() if r["concurrency"] == level),
-                              key=lambda r: r["wait_ms"])
+                rows = sorted(
+                    (r for r in entry["external_wait"].values() if r["concurrency"] == level),
+                    key=lambda r: r["wait_ms"],
+                )
                 xs = [r["wait_ms"] for r in rows]
             if not rows:
                 continue
             line, width = style(entry)
-            ax.plot(xs, [r["rps"] for r in rows], line, marker="o", linewidth=width, markersize=3,
-                    label=name)
+            ax.plot(
+                xs,
+                [r["rps"] for r in rows],
+                line,
+                marker="o",
+                linewidth=width,
+                markersize=3,
+                label=name,
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         if kind == "queries":
-            levels = sorted({r["concurrency"] for s in summary.values() for r in s["throughput"].values()})
+            levels = sorted(
+                {r["concurrency"] for s in summary.values() for r in s["throughput"].values()}
+            )
             ax.set_xticks(levels, [f"{c:,}" for c in levels])
             ax.set_xlabel("concurrent greenlets (MAX_CONNS=10 where capped)")
             ax.set_title(f"{level}-query requests (median of rounds)")
         else:
-            waits = sorted({r["wait_ms"] for s in summary.values() for r in s["external_wait"].values()})
+            waits = sorted(
+                {r["wait_ms"] for s in summary.values() for r in s["external_wait"].values()}
+            )
             ax.set_xticks(waits, [f"{w:g} ms" for w in waits])
             ax.set_xlabel("external wait W between the two queries (MAX_CONNS=10 where capped)")
             ax.set_title(f"query, wait W, query: {level:,} greenlets")
@@ -522,7 +646,7 @@ def _external_wait_tables(summary: dict[str, dict[str, Any]], sizes: Any) -> lis
         "`c` greenlets making requests of one ORM query, `gevent.sleep(W)` (standing for an HTTP "
         "call, Redis, S3), one more ORM query, `MAX_CONNS=10` where there is a cap. A pool that "
         "holds the connection for the whole request serves at most `MAX_CONNS / W` requests/s; "
-        "`POOL_MODE=\"transaction\"` gives the connection back during the wait. Requests/s, and "
+        '`POOL_MODE="transaction"` gives the connection back during the wait. Requests/s, and '
         "the ratio to the same driver's `orm_held` (one connection per greenlet, no cap):",
         "",
         f"| reference | {header} |",
@@ -558,7 +682,9 @@ def _external_wait_tables(summary: dict[str, dict[str, Any]], sizes: Any) -> lis
             if row is None:
                 cells.append("—")
                 continue
-            cells.append(f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} ({row['peak_conns']} conns, "
-                         f"{_fmt_us(row['cpu_us_per_request'])}{_fmt_starved(row, c)})")
+            cells.append(
+                f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f} ({row['peak_conns']} conns, "
+                f"{_fmt_us(row['cpu_us_per_request'])}{_fmt_starved(row, c)})"
+            )
         lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
     return lines

@@ -52,8 +52,10 @@ def _version(dist: str) -> str | None:
 
 
 def _dsn(db: dict[str, Any]) -> str:
-    return (f"host={db['HOST']} port={db['PORT']} dbname={db['NAME']} "
-            f"user={db['USER']} password={db['PASSWORD']}")
+    return (
+        f"host={db['HOST']} port={db['PORT']} dbname={db['NAME']} "
+        f"user={db['USER']} password={db['PASSWORD']}"
+    )
 
 
 def _setup_django(ref: Reference, db: dict[str, Any]) -> None:
@@ -72,7 +74,9 @@ def _setup_django(ref: Reference, db: dict[str, Any]) -> None:
         # The old package's venv must not see our source tree, and vice versa.
         is_old = _version("django-db-geventpool") == "4.0.8"
         if is_old != (ref.kind == "old"):
-            raise SystemExit(f"{ref.name}: wrong django_db_geventpool ({django_db_geventpool.__file__})")
+            raise SystemExit(
+                f"{ref.name}: wrong django_db_geventpool ({django_db_geventpool.__file__})"
+            )
 
 
 def _ensure_table(driver: str, dsn: str) -> None:
@@ -83,7 +87,9 @@ def _ensure_table(driver: str, dsn: str) -> None:
                 "CREATE TABLE IF NOT EXISTS bench_item "
                 "(id serial PRIMARY KEY, name varchar(100) NOT NULL)"
             )
-            cursor.execute("INSERT INTO bench_item (id, name) VALUES (1, 'one') ON CONFLICT DO NOTHING")
+            cursor.execute(
+                "INSERT INTO bench_item (id, name) VALUES (1, 'one') ON CONFLICT DO NOTHING"
+            )
     finally:
         conn.close()
 
@@ -131,12 +137,16 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                 result["throughput"] = [
                     row
                     for c in sizes.concurrency
-                    for row in throughput(client, c, sizes.queries, sizes.duration, sizes.warmup,
-                                          sampler)
+                    for row in throughput(
+                        client, c, sizes.queries, sizes.duration, sizes.warmup, sampler
+                    )
                 ]
                 seconds["throughput"] = perf_counter() - clock
-                loads = [t["peak_rss_mb"] for t in result["throughput"]
-                         if t["concurrency"] == max(sizes.concurrency)]
+                loads = [
+                    t["peak_rss_mb"]
+                    for t in result["throughput"]
+                    if t["concurrency"] == max(sizes.concurrency)
+                ]
                 result["rss_load_mb"] = max(loads)
                 result["rss_load_concurrency"] = max(sizes.concurrency)
             if "external_wait" in workloads and ref.external_wait:
@@ -153,8 +163,12 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         if "waiting" in workloads:
             clock = perf_counter()
             result["waiting"] = (
-                [waiting_scale(client, w, MAX_CONNS, sizes.waiting_checkouts) for w in sizes.waiters]
-                if ref.capped else None
+                [
+                    waiting_scale(client, w, MAX_CONNS, sizes.waiting_checkouts)
+                    for w in sizes.waiters
+                ]
+                if ref.capped
+                else None
             )
             if ref.kind == "raw":
                 floor = FifoFloor(MAX_CONNS)
@@ -174,8 +188,17 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _meta(ref: Reference) -> dict[str, Any]:
-    dists = ["django", "gevent", "greenlet", "psycopg", "psycopg-binary", "psycopg-pool",
-             "psycopg2-binary", "psycogreen", "django-db-geventpool"]
+    dists = [
+        "django",
+        "gevent",
+        "greenlet",
+        "psycopg",
+        "psycopg-binary",
+        "psycopg-pool",
+        "psycopg2-binary",
+        "psycogreen",
+        "django-db-geventpool",
+    ]
     return {
         "name": ref.name,
         "description": ref.description,
@@ -198,7 +221,9 @@ def run_waiting_only(config: dict[str, Any]) -> dict[str, Any]:
         handle = client.acquire()
         client.release(handle)
         subject = FifoFloor(MAX_CONNS) if only["floor"] else client
-        waiting = gevent.spawn(waiting_scale, subject, only["waiters"], MAX_CONNS, only["checkouts"]).get()
+        waiting = gevent.spawn(
+            waiting_scale, subject, only["waiters"], MAX_CONNS, only["checkouts"]
+        ).get()
         return {**waiting, "meta": _meta(ref)}
     finally:
         client.close()

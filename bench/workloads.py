@@ -17,8 +17,14 @@ import gevent
 from gevent.event import Event
 
 __all__ = [
-    "Sizes", "Sampler", "FifoFloor", "checkout_overhead", "throughput", "external_wait",
-    "waiting_scale", "rss_mb",
+    "Sizes",
+    "Sampler",
+    "FifoFloor",
+    "checkout_overhead",
+    "throughput",
+    "external_wait",
+    "waiting_scale",
+    "rss_mb",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -129,8 +135,12 @@ def checkout_overhead(client, n: int, time_budget: float = 3.0) -> dict[str, flo
                 h, c = held(), cycle()
             b = cycle(with_query=False)
             for k, clock in enumerate(("", "cpu_")):
-                for name, value in (("held_us", h[k]), ("cycle_us", c[k]), ("overhead_us", c[k] - h[k]),
-                                    ("checkout_us", b[k])):
+                for name, value in (
+                    ("held_us", h[k]),
+                    ("cycle_us", c[k]),
+                    ("overhead_us", c[k] - h[k]),
+                    ("checkout_us", b[k]),
+                ):
                     samples.setdefault(clock + name, []).append(value * 1e6)
         return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -138,8 +148,14 @@ def checkout_overhead(client, n: int, time_budget: float = 3.0) -> dict[str, flo
 
 
 def throughput(
-    client, concurrency: int, queries: tuple[int, ...], duration: float, warmup: float,
-    sampler: Sampler | None, max_window: float = 3.0, wait: float = 0.0,
+    client,
+    concurrency: int,
+    queries: tuple[int, ...],
+    duration: float,
+    warmup: float,
+    sampler: Sampler | None,
+    max_window: float = 3.0,
+    wait: float = 0.0,
 ) -> list[dict[str, Any]]:
     """``concurrency`` greenlets making requests of ``q`` queries for ``duration`` s, per q.
 
@@ -218,30 +234,33 @@ def throughput(
         if phase == 0:
             continue  # the warm-up
         ordered = sorted(latencies[phase])
-        rows.append({
-            "concurrency": concurrency,
-            "queries": count,
-            "wait_ms": wait * 1e3,
-            "requests": len(ordered),
-            "rps": len(ordered) / window,
-            "p50_ms": _percentile(ordered, 0.50) * 1e3,
-            "p99_ms": _percentile(ordered, 0.99) * 1e3,
-            # The process's CPU time per request: with a cap of 10 connections the
-            # benchmark process itself is often the bottleneck on 2 cores.
-            "cpu_us_per_request": cpu / len(ordered) * 1e6 if ordered else None,
-            "errors": errors[phase],
-            # Latencies are those of completed requests: a queue that lets some
-            # greenlets starve looks fast unless one also counts who was served.
-            "served_greenlets": served[phase],
-            "peak_conns": sampler.peak_conns if sampler else None,
-            "peak_rss_mb": sampler.peak_rss if sampler else None,
-        })
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "queries": count,
+                "wait_ms": wait * 1e3,
+                "requests": len(ordered),
+                "rps": len(ordered) / window,
+                "p50_ms": _percentile(ordered, 0.50) * 1e3,
+                "p99_ms": _percentile(ordered, 0.99) * 1e3,
+                # The process's CPU time per request: with a cap of 10 connections the
+                # benchmark process itself is often the bottleneck on 2 cores.
+                "cpu_us_per_request": cpu / len(ordered) * 1e6 if ordered else None,
+                "errors": errors[phase],
+                # Latencies are those of completed requests: a queue that lets some
+                # greenlets starve looks fast unless one also counts who was served.
+                "served_greenlets": served[phase],
+                "peak_conns": sampler.peak_conns if sampler else None,
+                "peak_rss_mb": sampler.peak_rss if sampler else None,
+            }
+        )
     gevent.joinall(workers)
     return rows
 
 
-def external_wait(client, concurrency: int, wait_ms: int, duration: float, warmup: float,
-                  sampler: Sampler | None) -> dict[str, Any]:
+def external_wait(
+    client, concurrency: int, wait_ms: int, duration: float, warmup: float, sampler: Sampler | None
+) -> dict[str, Any]:
     """Requests of one ORM query, ``gevent.sleep(wait_ms)``, one more ORM query.
 
     The wait stands for what real requests wait on besides the database (an
@@ -250,8 +269,16 @@ def external_wait(client, concurrency: int, wait_ms: int, duration: float, warmu
     """
     # Room for at least a few requests per greenlet beyond the first one.
     window = max(duration, 4 * wait_ms / 1e3)
-    rows = throughput(client, concurrency, (2,), window, warmup, sampler,
-                      max_window=window + 3.0, wait=wait_ms / 1e3)
+    rows = throughput(
+        client,
+        concurrency,
+        (2,),
+        window,
+        warmup,
+        sampler,
+        max_window=window + 3.0,
+        wait=wait_ms / 1e3,
+    )
     return rows[0]
 
 
@@ -275,8 +302,15 @@ def waiting_scale(client, waiters: int, max_conns: int, checkouts: int) -> dict[
     size = waiters + max_conns
     start_at, end_at = size, size + checkouts
     go = Event()
-    state = {"count": 0, "started": 0.0, "elapsed": 0.0, "cpu_started": 0.0, "cpu": 0.0,
-             "stop": False, "errors": 0}
+    state = {
+        "count": 0,
+        "started": 0.0,
+        "elapsed": 0.0,
+        "cpu_started": 0.0,
+        "cpu": 0.0,
+        "stop": False,
+        "errors": 0,
+    }
 
     def worker() -> None:
         client.prepare()

@@ -14,8 +14,15 @@ if TYPE_CHECKING:
     from .pool import ConnectionPool
 
 __all__ = [
-    "AllPeersDown", "ConnectTimeout", "PoolClosed", "PoolError", "PoolTimeout", "drain",
-    "get_stats", "resize", "__version__",
+    "AllPeersDown",
+    "ConnectTimeout",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "drain",
+    "get_stats",
+    "resize",
+    "__version__",
 ]
 
 __version__ = "5.0.0"

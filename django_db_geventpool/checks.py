@@ -14,7 +14,7 @@ its name length limits). A project whose default alias uses another ENGINE can a
                                  connections)
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
 ``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (no release)
-``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (a round trip each)
+``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (one per use)
 ===============================  ======================================================
 
 W002 needs the server: it runs when checks are given databases (``check --database
@@ -61,7 +61,9 @@ def _psycogreen_installed() -> bool:
 
 
 @checks.register(TAG)
-def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[checks.CheckMessage]:
+def check_pool_settings(
+    app_configs: Iterable[Any] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
     """Options, driver patching and ``CONN_MAX_AGE`` of every pooled alias (no I/O)."""
     from django.db import connections
 
@@ -75,12 +77,14 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
         settings_dict = connections.settings[alias]
         where = f"DATABASES[{alias!r}]"
         if "pool" in (settings_dict.get("OPTIONS") or {}):
-            messages.append(checks.Error(
-                f"{where}['OPTIONS']['pool'] is set, but django_db_geventpool is already the "
-                "pool for this alias.",
-                hint="Remove 'pool'; size the pool with OPTIONS['MAX_CONNS'].",
-                id=_ID.format("E002"),
-            ))
+            messages.append(
+                checks.Error(
+                    f"{where}['OPTIONS']['pool'] is set, but django_db_geventpool is already the "
+                    "pool for this alias.",
+                    hint="Remove 'pool'; size the pool with OPTIONS['MAX_CONNS'].",
+                    id=_ID.format("E002"),
+                )
+            )
         else:
             try:
                 parse_pool_settings(alias, settings_dict)
@@ -88,14 +92,16 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
                 messages.append(checks.Error(str(exc), id=_ID.format("E001")))
         max_age = settings_dict.get("CONN_MAX_AGE", 0)
         if max_age != 0:
-            messages.append(checks.Warning(
-                f"{where}['CONN_MAX_AGE'] is {max_age!r}; with django_db_geventpool it has no "
-                "effect: every connection goes back to the pool when Django closes it, and the "
-                "pool keeps idle connections itself.",
-                hint="Set CONN_MAX_AGE to 0, and tune OPTIONS['MAX_IDLE'] / ['MAX_LIFETIME'] "
+            messages.append(
+                checks.Warning(
+                    f"{where}['CONN_MAX_AGE'] is {max_age!r}; with django_db_geventpool it has no "
+                    "effect: every connection goes back to the pool when Django closes it, and the "
+                    "pool keeps idle connections itself.",
+                    hint="Set CONN_MAX_AGE to 0, and tune OPTIONS['MAX_IDLE'] / ['MAX_LIFETIME'] "
                     "instead.",
-                id=_ID.format("W001"),
-            ))
+                    id=_ID.format("W001"),
+                )
+            )
         messages.extend(_pool_mode_warnings(alias, settings_dict))
     if not aliases:
         return messages
@@ -103,20 +109,25 @@ def check_pool_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any)
         try:
             Psycopg3Ops.ensure_cooperative(aliases[0])
         except ImproperlyConfigured as exc:
-            messages.append(checks.Error(
-                str(exc), hint="gevent.monkey.patch_all() must run before anything imports psycopg.",
-                id=_ID.format("E004"),
-            ))
+            messages.append(
+                checks.Error(
+                    str(exc),
+                    hint="gevent.monkey.patch_all() must run before anything imports psycopg.",
+                    id=_ID.format("E004"),
+                )
+            )
     elif not _psycopg2_wait_callback_set() and not _psycogreen_installed():
-        messages.append(checks.Error(
-            f"DATABASES[{aliases[0]!r}] uses psycopg2, which has no gevent wait callback, and "
-            "psycogreen is not installed: every query would block all greenlets of the "
+        messages.append(
+            checks.Error(
+                f"DATABASES[{aliases[0]!r}] uses psycopg2, which has no gevent wait callback, and "
+                "psycogreen is not installed: every query would block all greenlets of the "
                 "process.",
-            hint="pip install 'django-db-geventpool[psycopg2]' (it brings psycogreen); "
+                hint="pip install 'django-db-geventpool[psycopg2]' (it brings psycogreen); "
                 "the pool "
-                 "installs its callback, and gunicorn.conf.py does it at start-up.",
-            id=_ID.format("E003"),
-        ))
+                "installs its callback, and gunicorn.conf.py does it at start-up.",
+                id=_ID.format("E003"),
+            )
+        )
     return messages
 
 
@@ -128,24 +139,28 @@ def _pool_mode_warnings(alias: str, settings_dict: dict[str, Any]) -> list[check
     where = f"DATABASES[{alias!r}]"
     messages: list[checks.CheckMessage] = []
     if settings_dict.get("ATOMIC_REQUESTS"):
-        messages.append(checks.Warning(
-            f"{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in "
-            "one transaction, so each request holds its connection from its first query to its "
-            "end, as in session mode, including while it waits on anything else.",
-            hint="Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
-                 "transaction.atomic(), or use POOL_MODE='session'.",
-            id=_ID.format("W003"),
-        ))
+        messages.append(
+            checks.Warning(
+                f"{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in "
+                "one transaction, so each request holds its connection from its first query to its "
+                "end, as in session mode, including while it waits on anything else.",
+                hint="Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
+                "transaction.atomic(), or use POOL_MODE='session'.",
+                id=_ID.format("W003"),
+            )
+        )
     if options.get("RESET_QUERY"):
-        messages.append(checks.Warning(
-            f"{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs "
-            "every time the connection is given back, that is after every statement outside "
-            "a transaction (one more round trip each), and with DISCARD ALL the session set-up "
-            "(time zone, role) is redone at every checkout.",
-            hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
-                 "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
-            id=_ID.format("W004"),
-        ))
+        messages.append(
+            checks.Warning(
+                f"{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs "
+                "every time the connection is given back, that is after every statement outside "
+                "a transaction (one more round trip each), and with DISCARD ALL the session set-up "
+                "(time zone, role) is redone at every checkout.",
+                hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
+                "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
+                id=_ID.format("W004"),
+            )
+        )
     return messages
 
 
@@ -217,16 +232,18 @@ def check_connection_budget(
         total = per_process * processes
         if total > limit:
             detail = " + ".join(f"{alias!r}: {max_conns}" for alias, max_conns in members)
-            messages.append(checks.Warning(
-                f"The pools may open {total} connections to "
+            messages.append(
+                checks.Warning(
+                    f"The pools may open {total} connections to "
                     f"{host or 'localhost'}:{port or 5432} "
-                f"(MAX_CONNS {detail} = {per_process} per process x {processes} processes), "
-                f"but the server accepts {limit} "
+                    f"(MAX_CONNS {detail} = {per_process} per process x {processes} processes), "
+                    f"but the server accepts {limit} "
                     "(max_connections minus superuser_reserved_connections).",
-                hint="Lower MAX_CONNS, run fewer processes, raise max_connections, "
+                    hint="Lower MAX_CONNS, run fewer processes, raise max_connections, "
                     "or put PgBouncer "
-                     "in front. The process count comes from GEVENTPOOL_EXPECTED_PROCESSES or "
-                     "WEB_CONCURRENCY.",
-                id=_ID.format("W002"),
-            ))
+                    "in front. The process count comes from GEVENTPOOL_EXPECTED_PROCESSES or "
+                    "WEB_CONCURRENCY.",
+                    id=_ID.format("W002"),
+                )
+            )
     return messages

@@ -50,7 +50,11 @@ _handler: Any = None
 
 
 def _dirs(directory: Path) -> tuple[Path, Path, Path]:
-    workers, requests, answers = directory / "workers", directory / "requests", directory / "answers"
+    workers, requests, answers = (
+        directory / "workers",
+        directory / "requests",
+        directory / "answers",
+    )
     for path in (workers, requests, answers):
         path.mkdir(parents=True, exist_ok=True)
     return workers, requests, answers
@@ -131,7 +135,7 @@ def execute(request: dict[str, Any]) -> dict[str, Any]:
         elif verb != "stats":
             raise ValueError(f"unknown verb {verb!r}")
         answer["stats"] = get_stats(alias)
-    except Exception as exc:  # noqa: BLE001 - the caller gets the error as the answer
+    except Exception as exc:
         logger.warning("manage.py geventpool %s on %r failed: %s", verb, alias, exc)
         answer = {"pid": os.getpid(), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return answer
@@ -160,8 +164,11 @@ def registered_pids(directory: str | os.PathLike[str]) -> list[int]:
 
 
 def send(
-    directory: str | os.PathLike[str], verb: str, alias: str = "default",
-    max_conns: int | None = None, timeout: float = 10.0,
+    directory: str | os.PathLike[str],
+    verb: str,
+    alias: str = "default",
+    max_conns: int | None = None,
+    timeout: float = 10.0,
 ) -> tuple[dict[int, dict[str, Any]], list[int]]:
     """Ask every registered process to run ``verb``; (answers by pid, pids that did not answer).
 

@@ -20,14 +20,15 @@ Pure Python, no dependencies: no Django, no gevent, no driver.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["BOUNDS", "Histogram", "PoolTimings"]
 
 #: Upper bounds (inclusive, seconds) of the buckets; a last bucket counts the rest.
-BOUNDS: tuple[float, ...] = tuple(
-    mantissa * 10.0**exponent for exponent in range(-5, 2) for mantissa in (1, 2, 5)
-) + (100.0,)
+BOUNDS: tuple[float, ...] = (
+    *tuple(mantissa * 10.0**exponent for exponent in range(-5, 2) for mantissa in (1, 2, 5)),
+    100.0,
+)
 
 
 class Histogram:

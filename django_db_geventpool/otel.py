@@ -11,8 +11,8 @@ Names, kinds and units of the semantic conventions for database client connectio
 pools; every point has ``db.client.connection.pool.name`` = the ``DATABASES`` alias:
 
 ================================================  =====================  ==============
-``db.client.connection.count``                    UpDownCounter (obs.)   {connection}, with
-                                                                          ``db.client.connection.state`` = ``idle`` | ``used``
+``db.client.connection.count``                    UpDownCounter (obs.)   {connection}, by
+                                                                          ``...state`` idle/used
 ``db.client.connection.max``                      UpDownCounter (obs.)   {connection}
 ``db.client.connection.idle.max``                 UpDownCounter (obs.)   {connection}
 ``db.client.connection.idle.min``                 UpDownCounter (obs.)   {connection}
@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .histogram import BOUNDS
 from .pool import ConnectionPool
@@ -68,9 +69,7 @@ def attach(pool: ConnectionPool) -> bool:
     histograms = _instruments()
     attributes = {POOL_NAME: pool.name}
     for name, histogram in histograms.items():
-        getattr(pool.timings, name).listeners.append(
-            _Recorder(histogram, attributes)
-        )
+        getattr(pool.timings, name).listeners.append(_Recorder(histogram, attributes))
     _pools.add(pool)
     return True
 
@@ -98,7 +97,9 @@ def _instruments() -> dict[str, Any]:
 
     meter = metrics.get_meter("django_db_geventpool", __version__)
     meter.create_observable_up_down_counter(
-        "db.client.connection.count", [_observe_count], unit="{connection}",
+        "db.client.connection.count",
+        [_observe_count],
+        unit="{connection}",
         description="The number of connections that are currently in state described by "
         "the state attribute",
     )
@@ -107,19 +108,22 @@ def _instruments() -> dict[str, Any]:
             name, [_observer(key)], unit=unit, description=description
         )
     meter.create_observable_counter(
-        "db.client.connection.timeouts", [_observer("requests_timeouts")], unit="{timeout}",
+        "db.client.connection.timeouts",
+        [_observer("requests_timeouts")],
+        unit="{timeout}",
         description="The number of connection timeouts that have occurred trying to obtain "
         "a connection from the pool",
     )
     histograms = {}
     for attribute, description in _HISTOGRAMS:
-        kwargs: dict[str, Any] = dict(unit="s", description=description)
+        kwargs: dict[str, Any] = {"unit": "s", "description": description}
         try:
             # Our buckets, so that OTel's agree with get_stats() and Prometheus
             # (the advisory argument exists since opentelemetry-api 1.23).
             histograms[attribute] = meter.create_histogram(
                 f"db.client.connection.{attribute}",
-                explicit_bucket_boundaries_advisory=list(BOUNDS), **kwargs,
+                explicit_bucket_boundaries_advisory=list(BOUNDS),
+                **kwargs,
             )
         except TypeError:
             histograms[attribute] = meter.create_histogram(
@@ -131,14 +135,30 @@ def _instruments() -> dict[str, Any]:
 
 
 _GAUGES = (
-    ("db.client.connection.max", "pool_max", "{connection}",
-     "The maximum number of open connections allowed"),
-    ("db.client.connection.idle.max", "reuse_size", "{connection}",
-     "The maximum number of idle open connections allowed"),
-    ("db.client.connection.idle.min", "min_size", "{connection}",
-     "The minimum number of idle open connections allowed"),
-    ("db.client.connection.pending_requests", "requests_waiting", "{request}",
-     "The number of current pending requests for an open connection"),
+    (
+        "db.client.connection.max",
+        "pool_max",
+        "{connection}",
+        "The maximum number of open connections allowed",
+    ),
+    (
+        "db.client.connection.idle.max",
+        "reuse_size",
+        "{connection}",
+        "The maximum number of idle open connections allowed",
+    ),
+    (
+        "db.client.connection.idle.min",
+        "min_size",
+        "{connection}",
+        "The minimum number of idle open connections allowed",
+    ),
+    (
+        "db.client.connection.pending_requests",
+        "requests_waiting",
+        "{request}",
+        "The number of current pending requests for an open connection",
+    ),
 )
 
 _HISTOGRAMS = (
@@ -164,8 +184,7 @@ def _observer(key: str) -> Any:
         from opentelemetry.metrics import Observation
 
         return [
-            Observation(pool_measure(pool, key), {POOL_NAME: pool.name})
-            for pool in _open_pools()
+            Observation(pool_measure(pool, key), {POOL_NAME: pool.name}) for pool in _open_pools()
         ]
 
     return observe

@@ -61,8 +61,17 @@ class Peer:
     """One server of a `PeerSet`, and what the pool knows of it."""
 
     __slots__ = (
-        "name", "up", "down_since", "down_since_wall", "retry_at", "last_error",
-        "connects", "connects_failed", "connections", "opening", "probing",
+        "name",
+        "up",
+        "down_since",
+        "down_since_wall",
+        "retry_at",
+        "last_error",
+        "connects",
+        "connects_failed",
+        "connections",
+        "opening",
+        "probing",
     )
 
     def __init__(self, name: str) -> None:
@@ -151,7 +160,8 @@ class PeerSet:
         # A down peer that is due is tried first: otherwise it would never be
         # retried while the others are healthy.
         due = [
-            p for p in self.peers
+            p
+            for p in self.peers
             if not p.up and not p.probing and now >= p.retry_at and p not in tried
         ]
         if due:
@@ -168,7 +178,9 @@ class PeerSet:
         if not peer.up:
             logger.info(
                 "pool %r: peer %r is up again after %.1fs",
-                self.name, peer.name, monotonic() - (peer.down_since or monotonic()),
+                self.name,
+                peer.name,
+                monotonic() - (peer.down_since or monotonic()),
             )
             peer.up = True
             peer.down_since = peer.down_since_wall = None
@@ -184,12 +196,18 @@ class PeerSet:
             peer.down_since_wall = time.time()
             logger.warning(
                 "pool %r: peer %r marked down for %.1fs: %s",
-                self.name, peer.name, self.check_interval, peer.last_error,
+                self.name,
+                peer.name,
+                self.check_interval,
+                peer.last_error,
             )
         else:
             logger.warning(
                 "pool %r: peer %r still down, next retry in %.1fs: %s",
-                self.name, peer.name, self.check_interval, peer.last_error,
+                self.name,
+                peer.name,
+                self.check_interval,
+                peer.last_error,
             )
 
     def _all_down_message(self) -> str:

@@ -52,8 +52,8 @@ import sys
 import traceback
 import weakref
 from collections import Counter, deque
-from time import monotonic
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Protocol
 
 import gevent
@@ -130,7 +130,13 @@ COUNTER_KEYS = (
     CONNECTIONS_READ_ONLY,
 )
 STATS_KEYS = (
-    POOL_MAX, POOL_MIN, POOL_SIZE, POOL_AVAILABLE, POOL_OPENING, REQUESTS_WAITING, *COUNTER_KEYS
+    POOL_MAX,
+    POOL_MIN,
+    POOL_SIZE,
+    POOL_AVAILABLE,
+    POOL_OPENING,
+    REQUESTS_WAITING,
+    *COUNTER_KEYS,
 )
 
 
@@ -169,7 +175,16 @@ class DriverOps(Protocol):
 class PooledConnection:
     """A server connection owned by the pool, and what the pool knows of it."""
 
-    __slots__ = ("raw", "target", "created_at", "expires_at", "last_used", "lease", "_poller", "__weakref__")
+    __slots__ = (
+        "raw",
+        "target",
+        "created_at",
+        "expires_at",
+        "last_used",
+        "lease",
+        "_poller",
+        "__weakref__",
+    )
 
     def __init__(
         self, raw: Any, fileno: int, now: float, lifetime: float | None, target: Any = None
@@ -202,8 +217,15 @@ class Lease:
     """
 
     __slots__ = (
-        "pool", "conn", "connection", "greenlet", "checked_out_at", "stack", "leak_timer",
-        "finalizer", "__weakref__",
+        "pool",
+        "conn",
+        "connection",
+        "greenlet",
+        "checked_out_at",
+        "stack",
+        "leak_timer",
+        "finalizer",
+        "__weakref__",
     )
 
     def __init__(self, pool: ConnectionPool, conn: PooledConnection, now: float) -> None:
@@ -378,7 +400,11 @@ class ConnectionPool:
         _live_pools.add(self)
         logger.info(
             "pool %r created: max_size=%d reuse_size=%d min_size=%d timeout=%.1fs",
-            name, max_size, self.reuse_size, self.min_size, timeout,
+            name,
+            max_size,
+            self.reuse_size,
+            self.min_size,
+            timeout,
         )
         if self.min_size or keepalive_interval is not None:
             self._ensure_sweeper()
@@ -579,7 +605,8 @@ class ConnectionPool:
         self._stats[CONNECTIONS_READ_ONLY] += 1
         logger.warning(
             "pool %r: discarding a connection whose server reports itself read-only "
-            "(a writable server is required)", self.name,
+            "(a writable server is required)",
+            self.name,
         )
         for listener in self.read_only_listeners:
             try:
@@ -706,7 +733,9 @@ class ConnectionPool:
         if not self._capped:
             logger.warning(
                 "pool %r: connect failed (%s); next attempt in %.2fs, requests keep waiting",
-                self.name, error_text, delay,
+                self.name,
+                error_text,
+                delay,
             )
 
     def _note_capped(self) -> None:
@@ -720,7 +749,9 @@ class ConnectionPool:
         logger.warning(
             "pool %r: the server refused a connection with %d of MAX_CONNS=%d open (%s); "
             "requests queue on those until it accepts more",
-            self.name, self._slots_used - self._connecting + len(self._idle), self.max_size,
+            self.name,
+            self._slots_used - self._connecting + len(self._idle),
+            self.max_size,
             error_text,
         )
 
@@ -728,7 +759,8 @@ class ConnectionPool:
         if self._connect_failures:
             logger.info(
                 "pool %r: connected again after %d failed attempts",
-                self.name, self._connect_failures,
+                self.name,
+                self._connect_failures,
             )
         self._connect_failures = 0
         self._backoff_rounds = 0
@@ -775,7 +807,11 @@ class ConnectionPool:
                 pause = delay * random.uniform(0.5, 1.0)
                 logger.warning(
                     "pool %r: connect failed (%s); retry %d of %d in %.2fs",
-                    self.name, str(exc).strip(), attempt, self.connect_retries, pause,
+                    self.name,
+                    str(exc).strip(),
+                    attempt,
+                    self.connect_retries,
+                    pause,
                 )
                 gevent.sleep(pause)
                 delay *= 2
@@ -879,11 +915,15 @@ class ConnectionPool:
                 if status == TransactionStatus.ACTIVE:
                     self._cancel_quietly(conn)
                 return False
-            logger.warning("pool %r: connection returned in %s state; rolling back", self.name, name)
+            logger.warning(
+                "pool %r: connection returned in %s state; rolling back", self.name, name
+            )
             try:
                 driver.rollback(raw)
             except Exception as exc:
-                logger.warning("pool %r: rollback failed, closing the connection: %s", self.name, exc)
+                logger.warning(
+                    "pool %r: rollback failed, closing the connection: %s", self.name, exc
+                )
                 return False
         try:
             driver.restore_autocommit(raw)
@@ -955,7 +995,8 @@ class ConnectionPool:
         logger.info(
             "pool %r: %s without giving its connection back; returning it "
             "(wrap such code in django_db_geventpool.utils.close_connection)",
-            self.name, why,
+            self.name,
+            why,
         )
         self.checkin(lease)
 
@@ -1030,7 +1071,8 @@ class ConnectionPool:
         now = monotonic()
         interval = self.keepalive_interval
         due = [
-            c for c in self._idle
+            c
+            for c in self._idle
             if (interval is not None and now - c.last_used >= interval) or c.socket_has_input()
         ]
         lost = 0
@@ -1128,7 +1170,9 @@ class ConnectionPool:
             self._close_quietly(conn)
         logger.info(
             "pool %r drained: %d idle connections closed, %d in use to be closed when returned",
-            self.name, len(idle), in_use,
+            self.name,
+            len(idle),
+            in_use,
         )
         # Waiters and MIN_CONNS get connectors for the freed room.
         self._grow()
@@ -1159,7 +1203,11 @@ class ConnectionPool:
         excess = max(self._total_size() - max_size, 0)
         logger.info(
             "pool %r resized: max_size %d -> %d (%d idle closed, %d to close when returned)",
-            self.name, old, max_size, len(idle), excess,
+            self.name,
+            old,
+            max_size,
+            len(idle),
+            excess,
         )
         self._grow()
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -48,7 +49,10 @@ from .otel import pool_measure
 from .pool import ConnectionPool
 
 __all__ = [
-    "PoolCollector", "metrics_view", "register", "start_multiprocess_export",
+    "PoolCollector",
+    "metrics_view",
+    "register",
+    "start_multiprocess_export",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,8 +63,11 @@ _GAUGES = (
     ("max", "pool_max", "The maximum number of open connections allowed"),
     ("idle_max", "reuse_size", "The maximum number of idle open connections allowed"),
     ("idle_min", "min_size", "The minimum number of idle open connections allowed"),
-    ("pending_requests", "requests_waiting",
-     "The number of current pending requests for an open connection"),
+    (
+        "pending_requests",
+        "requests_waiting",
+        "The number of current pending requests for an open connection",
+    ),
 )
 _HISTOGRAMS = (
     ("create_time", "The time it took to create a new connection, seconds"),
@@ -85,9 +92,7 @@ class PoolCollector(Collector):
             suffix: GaugeMetricFamily(_PREFIX + suffix, text, labels=["pool_name"])
             for suffix, _, text in _GAUGES
         }
-        timeouts = CounterMetricFamily(
-            _PREFIX + "timeouts", _TIMEOUTS_HELP, labels=["pool_name"]
-        )
+        timeouts = CounterMetricFamily(_PREFIX + "timeouts", _TIMEOUTS_HELP, labels=["pool_name"])
         histograms = {
             name: HistogramMetricFamily(_PREFIX + name + "_seconds", text, labels=["pool_name"])
             for name, text in _HISTOGRAMS
@@ -143,8 +148,9 @@ class _Mirror:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         labels = ["pool_name"]
-        self.count = Gauge(_PREFIX + "count", _COUNT_HELP, ["pool_name", "state"],
-                           multiprocess_mode="livesum")
+        self.count = Gauge(
+            _PREFIX + "count", _COUNT_HELP, ["pool_name", "state"], multiprocess_mode="livesum"
+        )
         self.gauges = {
             suffix: Gauge(_PREFIX + suffix, text, labels, multiprocess_mode="livesum")
             for suffix, _, text in _GAUGES
@@ -187,7 +193,7 @@ class _Mirror:
         while os.getpid() == pid:
             try:
                 self.sync()
-            except Exception:  # noqa: BLE001 - keep exporting; say what failed
+            except Exception:
                 logger.exception("copying the pool's metrics for Prometheus failed")
             gevent.sleep(self.interval)
 

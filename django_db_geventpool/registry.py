@@ -8,7 +8,7 @@ forget their parent's connections (see `ConnectionPool`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .pool import ConnectionPool
 

@@ -25,8 +25,7 @@ pooled alias can serve, 503 with the reasons when one cannot (see readiness.py):
 from __future__ import annotations
 
 import os
-
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_safe
@@ -60,8 +59,9 @@ def make_ready_view(
             reason = readiness.check(alias, timeout)
             databases[alias] = "ok" if reason is None else reason
         ready = all(answer == "ok" for answer in databases.values())
-        response = JsonResponse({"ready": ready, "databases": databases},
-                                status=200 if ready else 503)
+        response = JsonResponse(
+            {"ready": ready, "databases": databases}, status=200 if ready else 503
+        )
         response["Cache-Control"] = "no-store"
         return response
 

@@ -122,8 +122,9 @@ class ServerConnections:
                 if conn is None:
                     conn = self._connect()
                 cursor = conn.cursor()
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                               [APP_NAME])
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [APP_NAME]
+                )
                 self.peak = max(self.peak, cursor.fetchone()[0])
                 cursor.close()
             except Exception:  # the server is restarting: try again
@@ -142,8 +143,9 @@ def fetch_worker_stats(port: int, attempts: int = 40) -> dict[int, dict[str, int
     """Each worker's pool stats, from its stats view (new connections land on either worker)."""
     seen: dict[int, dict[str, int]] = {}
     for _ in range(attempts):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/pool/stats",
-                                         headers={"Connection": "close"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/pool/stats", headers={"Connection": "close"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.loads(response.read())
         seen[body["pid"]] = body["databases"]["default"]
@@ -162,19 +164,43 @@ def report(load, restart_done: float | None, peak: int, worker_stats: dict) -> b
     say(f"requests                          {len(results)}")
     say(f"failed, in all                    {len(load.failures)}")
     say(f"started after the restart         {len(after)}, of which failed: {len(failed_after)}")
-    say(f"latency p50 / p99                 {load.percentile_ms(0.50):.1f} ms / "
-        f"{load.percentile_ms(0.99):.1f} ms")
-    say(f"peak server connections           {peak}  (cap: {WORKERS} workers x "
-        f"MAX_CONNS {MAX_CONNS} = {cap})")
-    keys = ("pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
-            "requests_queued", "requests_wait_ms", "requests_wait_p50_ms", "requests_wait_p99_ms",
-            "requests_use_p99_ms", "requests_errors", "requests_timeouts", "connections_num",
-            "connections_errors", "connections_lost", "checks_roundtrip", "returns_bad")
+    say(
+        f"latency p50 / p99                 {load.percentile_ms(0.50):.1f} ms / "
+        f"{load.percentile_ms(0.99):.1f} ms"
+    )
+    say(
+        f"peak server connections           {peak}  (cap: {WORKERS} workers x "
+        f"MAX_CONNS {MAX_CONNS} = {cap})"
+    )
+    keys = (
+        "pool_max",
+        "pool_size",
+        "pool_available",
+        "requests_waiting",
+        "requests_num",
+        "requests_queued",
+        "requests_wait_ms",
+        "requests_wait_p50_ms",
+        "requests_wait_p99_ms",
+        "requests_use_p99_ms",
+        "requests_errors",
+        "requests_timeouts",
+        "connections_num",
+        "connections_errors",
+        "connections_lost",
+        "checks_roundtrip",
+        "returns_bad",
+    )
     pids = sorted(worker_stats)
-    say("checkout wait p50 / p99           " + ", ".join(
-        f"pid {pid}: {worker_stats[pid].get('requests_wait_p50_ms', 0)} ms / "
-        f"{worker_stats[pid].get('requests_wait_p99_ms', 0)} ms" for pid in sorted(worker_stats))
-        + "  (the pools' histograms)")
+    say(
+        "checkout wait p50 / p99           "
+        + ", ".join(
+            f"pid {pid}: {worker_stats[pid].get('requests_wait_p50_ms', 0)} ms / "
+            f"{worker_stats[pid].get('requests_wait_p99_ms', 0)} ms"
+            for pid in sorted(worker_stats)
+        )
+        + "  (the pools' histograms)"
+    )
     say("pool stats, from GET /pool/stats of each worker:")
     say(f"  {'':<20}" + "".join(f"{'pid ' + str(pid):>12}" for pid in pids))
     for key in keys:
@@ -183,8 +209,11 @@ def report(load, restart_done: float | None, peak: int, worker_stats: dict) -> b
         say(f"  failed after restart: {r.error or r.status} {r.body[:200]!r}")
     ok = not failed_after and restart_done is not None and peak <= cap
     say()
-    say("OK: no request started after the restart failed." if ok else
-        "FAILED: requests started after the restart failed (or the cap was exceeded).")
+    say(
+        "OK: no request started after the restart failed."
+        if ok
+        else "FAILED: requests started after the restart failed (or the cap was exceeded)."
+    )
     return ok
 
 
@@ -208,16 +237,28 @@ def main() -> int:
         say(f"  PostgreSQL on 127.0.0.1:{cluster.port} (data in {cluster.root})")
         say("migrating the example project ...")
         migrate_example(cluster, DATABASE)
-        cluster.psql("INSERT INTO shop_product (name, price_cents, sold) "
-                     "SELECT 'product ' || i, i * 100, 0 FROM generate_series(1, 100) i", dbname=DATABASE)
-        env = example_env(cluster, DATABASE, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME,
-                          POOL_LOG_LEVEL="ERROR")
-        say(f"starting gunicorn -c gunicorn.conf.py project.wsgi ({WORKERS} gevent workers, "
-            f"MAX_CONNS={MAX_CONNS}) ...")
+        cluster.psql(
+            "INSERT INTO shop_product (name, price_cents, sold) "
+            "SELECT 'product ' || i, i * 100, 0 FROM generate_series(1, 100) i",
+            dbname=DATABASE,
+        )
+        env = example_env(
+            cluster,
+            DATABASE,
+            MAX_CONNS=str(MAX_CONNS),
+            DB_APPLICATION_NAME=APP_NAME,
+            POOL_LOG_LEVEL="ERROR",
+        )
+        say(
+            f"starting gunicorn -c gunicorn.conf.py project.wsgi ({WORKERS} gevent workers, "
+            f"MAX_CONNS={MAX_CONNS}) ..."
+        )
         gunicorn, port = start_gunicorn(env, workdir / "gunicorn.log", workers=WORKERS)
         say(f"  listening on 127.0.0.1:{port}")
-        say(f"sending {REQUESTS} requests, {CONCURRENCY} at a time, to GET /products/summary; "
-            "PostgreSQL restarts halfway ...")
+        say(
+            f"sending {REQUESTS} requests, {CONCURRENCY} at a time, to GET /products/summary; "
+            "PostgreSQL restarts halfway ..."
+        )
 
         progress = Progress(REQUESTS)
         halfway = gevent.event.Event()
@@ -237,11 +278,19 @@ def main() -> int:
             progress.note = f"(PostgreSQL restarted in {restart_done[0] - started:.1f}s)"
 
         sampler = ServerConnections(cluster)
-        helpers = [gevent.spawn(sampler.run), gevent.spawn(restart_halfway),
-                   gevent.spawn(progress.draw_forever)]
+        helpers = [
+            gevent.spawn(sampler.run),
+            gevent.spawn(restart_halfway),
+            gevent.spawn(progress.draw_forever),
+        ]
         try:
-            load = run_load(port, "/products/summary", requests=REQUESTS, concurrency=CONCURRENCY,
-                            on_result=on_result)
+            load = run_load(
+                port,
+                "/products/summary",
+                requests=REQUESTS,
+                concurrency=CONCURRENCY,
+                on_result=on_result,
+            )
             helpers[1].join()
         finally:
             sampler.stop()

@@ -110,7 +110,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _skipped:
         terminalreporter.write_line(
             f"{len(_skipped)} skipped test(s) fail the run (the suite allows none): "
-            + ", ".join(_skipped), red=True,
+            + ", ".join(_skipped),
+            red=True,
         )
 
 

@@ -37,9 +37,18 @@ def test_connection_is_reused_across_greenlets():
 def test_stats_have_the_documented_keys():
     stats = get_stats()
     for key in (
-        "pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
-        "requests_wait_ms", "requests_errors", "connections_num", "connections_errors",
-        "connections_lost", "returns_bad", "checks_roundtrip",
+        "pool_max",
+        "pool_size",
+        "pool_available",
+        "requests_waiting",
+        "requests_num",
+        "requests_wait_ms",
+        "requests_errors",
+        "connections_num",
+        "connections_errors",
+        "connections_lost",
+        "returns_bad",
+        "checks_roundtrip",
     ):
         assert isinstance(stats[key], int), key
     assert stats["pool_max"] == 4  # MAX_CONNS of the test settings

@@ -22,8 +22,16 @@ logger = logging.getLogger(__name__)
 
 DRIVER = "psycopg3" if is_psycopg3 else "psycopg2"
 TINY = Sizes(
-    overhead_n=20, concurrency=(1, 4), queries=(1, 2), duration=0.05, warmup=0.02,
-    waiters=(2, 20), waiting_checkouts=40, wait_ms=(5,), wait_concurrency=(20,), wait_duration=0.1,
+    overhead_n=20,
+    concurrency=(1, 4),
+    queries=(1, 2),
+    duration=0.05,
+    warmup=0.02,
+    waiters=(2, 20),
+    waiting_checkouts=40,
+    wait_ms=(5,),
+    wait_concurrency=(20,),
+    wait_duration=0.1,
 )
 # What runs in this virtualenv: ours and orm_held with its driver, and the driver
 # alone (raw_limit is psycopg2 in the real run; here it uses whichever is installed).
@@ -45,8 +53,9 @@ def smoke_results(cluster, tmp_path_factory):
     results = {}
     for ref in SMOKE_REFERENCES:
         logger.info("bench smoke: %s", ref.name)
-        results[ref.name] = [run_worker(ref, db, TINY, out / f"{ref.slug}.json", python=sys.executable,
-                                        timeout=120)]
+        results[ref.name] = [
+            run_worker(ref, db, TINY, out / f"{ref.slug}.json", python=sys.executable, timeout=120)
+        ]
     return results
 
 
@@ -112,14 +121,28 @@ def test_report_renders_medians_ratios_and_targets(smoke_results, tmp_path):
     assert any("flat" in name for name in names)
     assert any("external wait" in name and "4×" in name for name in names)
     assert any("CPU per 1-query request" in name for name in names)
-    machine = {"cpu": "test", "cores": 2, "kernel": "x", "loadavg_start": 0.0, "loadavg_end": 0.0,
-               "seconds": 1, "postgresql": "15"}
+    machine = {
+        "cpu": "test",
+        "cores": 2,
+        "kernel": "x",
+        "loadavg_start": 0.0,
+        "loadavg_end": 0.0,
+        "seconds": 1,
+        "postgresql": "15",
+    }
     path = tmp_path / "benchmarks.md"
     report.write_markdown(path, summary, machine, 1, TINY, "make bench")
     text = path.read_text()
-    for heading in ("## Targets", "## Checkout overhead", "## Throughput and latency: 1-query requests",
-                    "## Throughput and latency: 2-query requests", "## Scale of waiting", "## Memory",
-                    "## Requests with an external wait", "## Versions and machine"):
+    for heading in (
+        "## Targets",
+        "## Checkout overhead",
+        "## Throughput and latency: 1-query requests",
+        "## Throughput and latency: 2-query requests",
+        "## Scale of waiting",
+        "## Memory",
+        "## Requests with an external wait",
+        "## Versions and machine",
+    ):
         assert heading in text
     for ref in SMOKE_REFERENCES:
         assert f"`{ref.name}`" in text
@@ -137,22 +160,31 @@ def test_counted_work_runs_and_renders(cluster, smoke_results, tmp_path):
     ours = countwork.Subject(f"ours[{DRIVER}]", REFERENCES[f"ours[{DRIVER}]"])
     floor = dataclasses.replace(ours, label=countwork.FLOOR, floor=True)
     for subject in (ours, floor):
-        result = countwork.run_waiting_worker(subject, 20, 40, db=db, run_dir=tmp_path,
-                                              python=sys.executable)
+        result = countwork.run_waiting_worker(
+            subject, 20, 40, db=db, run_dir=tmp_path, python=sys.executable
+        )
         assert result["waiters"] == 20 and result["checkouts"] == 40
         assert result["errors"] == 0 and result["us_per_checkout"] > 0
     trace = tmp_path / "run.cachegrind"
-    trace.write_text("desc: I1 cache: 65536 B, 64 B, 2-way associative\ncmd: python\n"
-                     "events: Ir D1mr D1mw DLmr DLmw\nfl=x\n1 2 3 4 5 6\n"
-                     "summary: 1000 40 10 7 3\n")
+    trace.write_text(
+        "desc: I1 cache: 65536 B, 64 B, 2-way associative\ncmd: python\n"
+        "events: Ir D1mr D1mw DLmr DLmw\nfl=x\n1 2 3 4 5 6\n"
+        "summary: 1000 40 10 7 3\n"
+    )
     short = countwork._cachegrind_totals(trace)
     assert short == {"Ir": 1000, "D1mr": 40, "D1mw": 10, "DLmr": 7, "DLmw": 3}
     long = {"Ir": 5000, "D1mr": 140, "D1mw": 30, "DLmr": 27, "DLmw": 23}
     assert countwork.per_checkout(short, long, 100) == {
-        "instructions": 40.0, "d1_misses": 1.2, "ll_misses": 0.4,
+        "instructions": 40.0,
+        "d1_misses": 1.2,
+        "ll_misses": 0.4,
     }
-    rows = {"ours": {10: {"instructions": 100.0, "d1_misses": 10.0, "ll_misses": 1.0},
-                     5000: {"instructions": 110.0, "d1_misses": 12.0, "ll_misses": 51.0}}}
+    rows = {
+        "ours": {
+            10: {"instructions": 100.0, "d1_misses": 10.0, "ll_misses": 1.0},
+            5000: {"instructions": 110.0, "d1_misses": 12.0, "ll_misses": 51.0},
+        }
+    }
     machine = {"cpu": "test", "cores": 2, "kernel": "x", "seconds": 1}
     countwork.write_markdown(tmp_path / "work.md", rows, machine, 500, 2500, "Python 3")
     text = (tmp_path / "work.md").read_text()

@@ -44,7 +44,9 @@ def test_burst_of_200_greenlets_never_exceeds_max_conns(configure_pool):
     failures = [g.exception for g in greenlets if not g.successful()]
     logger.info(
         "cap test: peak %d pool connections in pg_stat_activity over %d samples; %d backends used",
-        sampler.peak, len(sampler.samples), len(backend_pids),
+        sampler.peak,
+        len(sampler.samples),
+        len(backend_pids),
     )
     assert failures == []
     assert len(sampler.samples) > 10  # the sampler really watched the burst

@@ -41,20 +41,28 @@ def redis_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def product_id(cluster):
     migrate_example(cluster, EXAMPLE_DB)
-    return int(cluster.psql(
-        "INSERT INTO shop_product (name, price_cents, sold) "
-        "VALUES ('celery', 100, 0) RETURNING id",
-        dbname=EXAMPLE_DB,
-    ).splitlines()[0])
+    return int(
+        cluster.psql(
+            "INSERT INTO shop_product (name, price_cents, sold) "
+            "VALUES ('celery', 100, 0) RETURNING id",
+            dbname=EXAMPLE_DB,
+        ).splitlines()[0]
+    )
 
 
 @pytest.fixture(scope="module")
 def worker(cluster, redis_url, product_id, tmp_path_factory):
     env = example_env(
-        cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME,
-        CELERY_BROKER_URL=redis_url, CELERY_DB_REUSE_MAX="1000000",
+        cluster,
+        EXAMPLE_DB,
+        MAX_CONNS=str(MAX_CONNS),
+        DB_APPLICATION_NAME=APP_NAME,
+        CELERY_BROKER_URL=redis_url,
+        CELERY_DB_REUSE_MAX="1000000",
     )
-    proc = start_celery_worker(env, tmp_path_factory.mktemp("celery") / "worker.log", concurrency=100)
+    proc = start_celery_worker(
+        env, tmp_path_factory.mktemp("celery") / "worker.log", concurrency=100
+    )
     try:
         yield proc
     finally:
@@ -64,7 +72,9 @@ def worker(cluster, redis_url, product_id, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(redis_url, worker):
-    app = Celery("geventpool-test-client", broker=redis_url, backend=redis_url, set_as_current=False)
+    app = Celery(
+        "geventpool-test-client", broker=redis_url, backend=redis_url, set_as_current=False
+    )
     app.conf.broker_connection_retry_on_startup = True
     yield app
     # Under gevent the result backend drains Redis from a greenlet of its own that
@@ -87,8 +97,12 @@ def test_thousand_orm_tasks_stay_under_the_cap_and_give_back(client, worker, pro
     with ServerConnectionSampler(APP_NAME, interval=0.01) as sampler:
         values = _run_all(client, [("shop.tasks.sell", (product_id,))] * TASKS)
     stats = _run_all(client, [("shop.tasks.pool_stats", ())])[0]
-    logger.info("celery: %d tasks, peak %d server connections, worker stats %s",
-                len(values), sampler.peak, stats)
+    logger.info(
+        "celery: %d tasks, peak %d server connections, worker stats %s",
+        len(values),
+        sampler.peak,
+        stats,
+    )
 
     failures = [v for v in values if isinstance(v, BaseException)]
     assert failures == []
@@ -149,8 +163,9 @@ def test_asyncio_in_a_native_thread_leaves_the_orm_alone(client, product_id):
     assert all(isinstance(v, int) for v in values)
 
 
-def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(cluster, redis_url, product_id,
-                                                                 tmp_path):
+def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(
+    cluster, redis_url, product_id, tmp_path
+):
     """A worker with MAX_CONNS=2 and POOL_MODE=transaction: tasks query, wait, query.
 
     Many more tasks than MAX_CONNS are inside their wait at once (in session mode
@@ -161,8 +176,13 @@ def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(cluster, redis_
     max_conns = 2
     broker = redis_url.rsplit("/", 1)[0] + "/1"
     env = example_env(
-        cluster, EXAMPLE_DB, MAX_CONNS=str(max_conns), POOL_TIMEOUT="5", POOL_MODE="transaction",
-        DB_APPLICATION_NAME=APP_NAME + "-tx", CELERY_BROKER_URL=broker,
+        cluster,
+        EXAMPLE_DB,
+        MAX_CONNS=str(max_conns),
+        POOL_TIMEOUT="5",
+        POOL_MODE="transaction",
+        DB_APPLICATION_NAME=APP_NAME + "-tx",
+        CELERY_BROKER_URL=broker,
         CELERY_DB_REUSE_MAX="1000000",
     )
     proc = start_celery_worker(env, tmp_path / "worker.log", concurrency=40)
@@ -182,8 +202,12 @@ def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(cluster, redis_
         proc.kill_group()
     failures = [v for v in values if isinstance(v, BaseException)]
     waiting_peak = max((v["waiting_peak"] for v in values if isinstance(v, dict)), default=0)
-    logger.info("celery transaction mode: %d tasks, %d in their wait at once, peak %d server "
-                "connections", len(values), waiting_peak, sampler.peak)
+    logger.info(
+        "celery transaction mode: %d tasks, %d in their wait at once, peak %d server connections",
+        len(values),
+        waiting_peak,
+        sampler.peak,
+    )
 
     assert failures == []
     assert all(v["products"] == v["again"] >= 1 for v in values)

@@ -32,10 +32,20 @@ def test_a_good_configuration_passes_manage_py_check():
 
 def test_manage_py_check_runs_them_without_an_installed_app(tmp_path):
     """The example project does not list django_db_geventpool in INSTALLED_APPS."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "MAX_CONNS": "0",
-           "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=EXAMPLE_DIR, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "MAX_CONNS": "0",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=EXAMPLE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert result.returncode == 1
     assert "django_db_geventpool.E001" in result.stdout
     assert "['MAX_CONNS'] must be an integer >= 1; got 0" in result.stdout
@@ -61,10 +71,13 @@ def test_conn_max_age_is_a_warning(max_age):
     assert "CONN_MAX_AGE" in messages[0].msg and "MAX_IDLE" in messages[0].hint
 
 
-@pytest.mark.parametrize("setting, expected", [
-    ({"ATOMIC_REQUESTS": True}, "django_db_geventpool.W003"),
-    ({"OPTIONS": {"RESET_QUERY": "DISCARD ALL"}}, "django_db_geventpool.W004"),
-])
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ({"ATOMIC_REQUESTS": True}, "django_db_geventpool.W003"),
+        ({"OPTIONS": {"RESET_QUERY": "DISCARD ALL"}}, "django_db_geventpool.W004"),
+    ],
+)
 def test_settings_that_defeat_transaction_mode_are_warnings(setting, expected):
     settings_dict = connections.settings["default"]
     options = {**settings_dict["OPTIONS"], **setting.pop("OPTIONS", {})}
@@ -119,7 +132,9 @@ def _psycopg2_without_green_patching_is_an_error(monkeypatch):
 
 
 if _PSYCOPG3:
-    test_psycopg3_imported_before_patching_is_an_error = _psycopg3_imported_before_patching_is_an_error
+    test_psycopg3_imported_before_patching_is_an_error = (
+        _psycopg3_imported_before_patching_is_an_error
+    )
 else:
     test_psycopg2_without_green_patching_is_an_error = _psycopg2_without_green_patching_is_an_error
 

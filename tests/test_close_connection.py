@@ -21,8 +21,7 @@ def _given_back() -> bool:
     """Given back by close_connection itself: not reclaimed, nothing in use."""
     stats = get_stats()
     return (
-        stats["pool_available"] == stats["pool_size"] == 1
-        and stats["connections_reclaimed"] == 0
+        stats["pool_available"] == stats["pool_size"] == 1 and stats["connections_reclaimed"] == 0
     )
 
 
@@ -130,11 +129,18 @@ def more_aliases():
     default = connections.settings["default"]
     added = {
         "second": {**default, "OPTIONS": {**default["OPTIONS"]}},
-        "plain": {**default, "ENGINE": "django.db.backends.postgresql",
-                  "OPTIONS": {"application_name": "geventpool-plain"}, "CONN_MAX_AGE": 0},
-        "plain_persistent": {**default, "ENGINE": "django.db.backends.postgresql",
-                             "OPTIONS": {"application_name": "geventpool-plain"},
-                             "CONN_MAX_AGE": None},
+        "plain": {
+            **default,
+            "ENGINE": "django.db.backends.postgresql",
+            "OPTIONS": {"application_name": "geventpool-plain"},
+            "CONN_MAX_AGE": 0,
+        },
+        "plain_persistent": {
+            **default,
+            "ENGINE": "django.db.backends.postgresql",
+            "OPTIONS": {"application_name": "geventpool-plain"},
+            "CONN_MAX_AGE": None,
+        },
     }
     connections.settings.update(added)
     yield list(added)
@@ -166,8 +172,12 @@ def test_gives_back_every_alias_and_treats_other_backends_as_a_request_end(more_
     still_open = gevent.spawn(request).get(timeout=10)
     # Both pools got their connection back; Django's backend closed the CONN_MAX_AGE=0
     # connection and kept the persistent one, as at the end of a request.
-    assert still_open == {"default": False, "second": False, "plain": False,
-                          "plain_persistent": True}
+    assert still_open == {
+        "default": False,
+        "second": False,
+        "plain": False,
+        "plain_persistent": True,
+    }
     for alias in ("default", "second"):
         stats = get_stats(alias)
         assert stats["pool_size"] == stats["pool_available"] == 1, alias

@@ -23,7 +23,7 @@ import gevent.server
 import pytest
 from django.db import OperationalError, connections
 
-from django_db_geventpool import PoolTimeout, get_stats
+from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
 from tests.support.helpers import ServerConnectionSampler
 from tests.support.pgserver import PostgresCluster
@@ -72,7 +72,9 @@ def test_a_server_that_never_answers_ends_every_checkout_in_time(silent_listener
     alias = "silent"
     # No connect_timeout in OPTIONS: the pool's own deadline must bound the connects.
     _add_alias(
-        alias, HOST="127.0.0.1", PORT=str(server.server_port),
+        alias,
+        HOST="127.0.0.1",
+        PORT=str(server.server_port),
         OPTIONS={"MAX_CONNS": 5, "POOL_TIMEOUT": 1.0},
     )
     try:
@@ -83,7 +85,7 @@ def test_a_server_that_never_answers_ends_every_checkout_in_time(silent_listener
             try:
                 connections[alias].ensure_connection()
                 error = None
-            except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+            except BaseException as exc:
                 error = exc
             finally:
                 connections[alias].close()
@@ -92,7 +94,9 @@ def test_a_server_that_never_answers_ends_every_checkout_in_time(silent_listener
         gevent.joinall([gevent.spawn(request) for _ in range(20)], timeout=30)
         logger.info(
             "never answering: %d outcomes, durations %.2f..%.2fs, errors %s",
-            len(outcomes), min(d for d, _ in outcomes), max(d for d, _ in outcomes),
+            len(outcomes),
+            min(d for d, _ in outcomes),
+            max(d for d, _ in outcomes),
             {type(e).__name__ for _, e in outcomes},
         )
         assert len(outcomes) == 20
@@ -118,7 +122,9 @@ def limited_role(cluster):
     cluster.psql(f"DROP ROLE IF EXISTS {role}")
     cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 4")
     _add_alias(
-        alias, USER=role, PASSWORD="limited",
+        alias,
+        USER=role,
+        PASSWORD="limited",
         OPTIONS={"MAX_CONNS": 10, "POOL_TIMEOUT": 10.0, "application_name": "geventpool-limited"},
     )
     try:
@@ -128,8 +134,12 @@ def limited_role(cluster):
         cluster.psql(
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
         )
-        wait_until(lambda: cluster.psql(
-            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'") == "0")
+        wait_until(
+            lambda: (
+                cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'")
+                == "0"
+            )
+        )
         cluster.psql(f"DROP ROLE {role}")
 
 
@@ -145,7 +155,7 @@ def test_the_pool_serves_with_the_connections_the_server_grants(limited_role, ca
                 with connections[alias].cursor() as cursor:
                     cursor.execute("SELECT pg_backend_pid()")
                     served.append(cursor.fetchone()[0])
-            except Exception as exc:  # noqa: BLE001 - recorded and checked below
+            except Exception as exc:
                 failures.append(exc)
             finally:
                 connections[alias].close()
@@ -156,8 +166,12 @@ def test_the_pool_serves_with_the_connections_the_server_grants(limited_role, ca
     stats = get_stats(alias)
     logger.info(
         "role limit 4, MAX_CONNS=10: %d served, %d failed in %.2fs; peak %d server "
-        "connections; stats %s", len(served), len(failures), monotonic() - started,
-        sampler.peak, stats,
+        "connections; stats %s",
+        len(served),
+        len(failures),
+        monotonic() - started,
+        sampler.peak,
+        stats,
     )
     assert failures == []
     assert len(served) == 500
@@ -191,7 +205,9 @@ def frozen_cluster():
     server.start()
     server.psql("CREATE DATABASE geventpool_test")
     _add_alias(
-        "frozen", HOST=server.host, PORT=str(server.port),
+        "frozen",
+        HOST=server.host,
+        PORT=str(server.port),
         # A round trip at every checkout: the one a frozen server never answers.
         OPTIONS={"MAX_CONNS": 4, "POOL_TIMEOUT": 1.0, "HEALTH_CHECK_DELAY": 0},
     )
@@ -240,7 +256,7 @@ def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
             with connections[alias].cursor() as cursor:
                 cursor.execute("SELECT 1")
             error = None
-        except BaseException as exc:  # noqa: BLE001 - recorded and checked below
+        except BaseException as exc:
             error = exc
         finally:
             connections[alias].close()
@@ -248,8 +264,10 @@ def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
 
     gevent.joinall([gevent.spawn(request) for _ in range(12)], timeout=30)
     logger.info(
-        "frozen server: %d outcomes, durations %.2f..%.2fs, errors %s", len(outcomes),
-        min(d for d, _ in outcomes), max(d for d, _ in outcomes),
+        "frozen server: %d outcomes, durations %.2f..%.2fs, errors %s",
+        len(outcomes),
+        min(d for d, _ in outcomes),
+        max(d for d, _ in outcomes),
         sorted({f"{type(e).__name__}: {str(e)[:100]}" for _, e in outcomes}),
     )
     assert len(outcomes) == 12

@@ -131,7 +131,9 @@ def test_connection_created_is_sent_per_checkout(configure_pool):
     assert len(pids) == 1
 
 
-def test_conn_health_checks_and_persistent_conn_max_age_are_harmless(configure_pool, database_settings):
+def test_conn_health_checks_and_persistent_conn_max_age_are_harmless(
+    configure_pool, database_settings
+):
     configure_pool(MAX_CONNS=2)
     database_settings["CONN_HEALTH_CHECKS"] = True
     database_settings["CONN_MAX_AGE"] = None
@@ -212,9 +214,11 @@ if "django.contrib.gis" in settings.INSTALLED_APPS:
         def read(pk):
             place = Place.objects.get(pk=pk)
             assert held() == held_between
-            distance = Place.objects.filter(
-                location__dwithin=(Point(2.35, 48.85, srid=4326), 0.1)
-            ).filter(pk=pk).count()
+            distance = (
+                Place.objects.filter(location__dwithin=(Point(2.35, 48.85, srid=4326), 0.1))
+                .filter(pk=pk)
+                .count()
+            )
             assert held() == held_between
             return place.location.x, place.location.y, place.location.srid, distance
 

@@ -137,10 +137,17 @@ def _check(load: WriteLoad, promoted: float, primary, standby, what: str) -> Non
     logger.info(
         "failover (%s): %d writes, %d failed (%s), last failure %.2fs after the promotion; "
         "served by ports %s; stats %s",
-        what, len(load.outcomes), len(failures),
-        sorted({f"{type(e).__name__} {_sqlstate(e)}: {str(e).splitlines()[0][:120]}"
-                for _, e in failures}),
-        max((s - promoted for s, _ in failures), default=float("nan")), sorted(served),
+        what,
+        len(load.outcomes),
+        len(failures),
+        sorted(
+            {
+                f"{type(e).__name__} {_sqlstate(e)}: {str(e).splitlines()[0][:120]}"
+                for _, e in failures
+            }
+        ),
+        max((s - promoted for s, _ in failures), default=float("nan")),
+        sorted(served),
         {k: v for k, v in get_stats(HA).items() if k.startswith("peer.") or "connections" in k},
     )
     assert late == [], late[:3]
@@ -159,8 +166,12 @@ def test_promotion_with_peers(primary_and_standby):
     connections.settings[STANDBY] = _entry(standby.socket_dir, str(standby.port))
     connections.settings[HA] = {
         **_entry(
-            primary.socket_dir, str(primary.port), MAX_CONNS=4, POOL_TIMEOUT=10.0,
-            CHECK_INTERVAL=CHECK_INTERVAL, target_session_attrs="read-write",
+            primary.socket_dir,
+            str(primary.port),
+            MAX_CONNS=4,
+            POOL_TIMEOUT=10.0,
+            CHECK_INTERVAL=CHECK_INTERVAL,
+            target_session_attrs="read-write",
         ),
         "PEERS": [STANDBY],
     }
@@ -175,9 +186,13 @@ def test_promotion_with_peers(primary_and_standby):
 def test_promotion_with_libpq_multi_host(primary_and_standby):
     primary, standby = primary_and_standby
     connections.settings[HA] = _entry(
-        "127.0.0.1,127.0.0.1", f"{primary.port},{standby.port}",
-        MAX_CONNS=4, POOL_TIMEOUT=10.0, CHECK_INTERVAL=CHECK_INTERVAL,
-        target_session_attrs="read-write", connect_timeout=2,
+        "127.0.0.1,127.0.0.1",
+        f"{primary.port},{standby.port}",
+        MAX_CONNS=4,
+        POOL_TIMEOUT=10.0,
+        CHECK_INTERVAL=CHECK_INTERVAL,
+        target_session_attrs="read-write",
+        connect_timeout=2,
     )
     load = WriteLoad(HA)
     try:

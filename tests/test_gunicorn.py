@@ -28,8 +28,11 @@ MAX_CONNS = 5
 def example_db(cluster) -> int:
     """The example's database, migrated and seeded; returns how many products it has."""
     migrate_example(cluster, EXAMPLE_DB)
-    cluster.psql("INSERT INTO shop_product (name, price_cents, sold) "
-                 "SELECT 'p' || i, i * 100, 0 FROM generate_series(1, 50) i", dbname=EXAMPLE_DB)
+    cluster.psql(
+        "INSERT INTO shop_product (name, price_cents, sold) "
+        "SELECT 'p' || i, i * 100, 0 FROM generate_series(1, 50) i",
+        dbname=EXAMPLE_DB,
+    )
     # Other test modules share this database: count what is there now.
     return int(cluster.psql("SELECT count(*) FROM shop_product", dbname=EXAMPLE_DB))
 
@@ -46,16 +49,16 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
     requests = 2000 if not preload else 600
     sampler = ServerConnectionSampler(APP_NAME, interval=0.01)
     try:
-        gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS, app=app,
-                                        extra_args=extra)
+        gunicorn, port = start_gunicorn(
+            env, tmp_path / "gunicorn.log", workers=WORKERS, app=app, extra_args=extra
+        )
         try:
             sampler.start()
-            load = run_load(port, "/products/summary", requests=requests, concurrency=100,
-                            keep_body=True)
+            load = run_load(
+                port, "/products/summary", requests=requests, concurrency=100, keep_body=True
+            )
             sampler.stop()
-            stats_pids = {
-                json.loads(r.body)["pid"] for r in load.results if r.ok
-            }
+            stats_pids = {json.loads(r.body)["pid"] for r in load.results if r.ok}
             pool_stats = run_load(port, "/pool/stats", requests=10, concurrency=1, keep_body=True)
             returncode = gunicorn.stop()
         finally:
@@ -65,8 +68,13 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
     finally:
         sampler.close()
     log = gunicorn.log()
-    logger.info("gunicorn: %d requests, peak %d server connections (cap %d), workers seen %s",
-                len(load.results), peak, cap, sorted(stats_pids))
+    logger.info(
+        "gunicorn: %d requests, peak %d server connections (cap %d), workers seen %s",
+        len(load.results),
+        peak,
+        cap,
+        sorted(stats_pids),
+    )
 
     assert [r.error or r.status for r in load.failures] == []
     assert len(load.results) == requests
@@ -91,8 +99,9 @@ def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_pat
 def test_gunicorn_workers_warm_up_min_conns_before_any_request(cluster, example_db, tmp_path):
     """gunicorn.conf.py's post_worker_init creates each worker's pool: MIN_CONNS open at start."""
     app_name = "geventpool-gunicorn-warm"
-    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), MIN_CONNS="3",
-                      DB_APPLICATION_NAME=app_name)
+    env = example_env(
+        cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), MIN_CONNS="3", DB_APPLICATION_NAME=app_name
+    )
     sampler = ServerConnectionSampler(app_name)
     try:
         gunicorn, _ = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS)
@@ -112,7 +121,9 @@ def test_gunicorn_workers_warm_up_min_conns_before_any_request(cluster, example_
     assert "warming up the pools failed" not in log, log[-3000:]
 
 
-def test_transaction_mode_serves_more_requests_at_once_than_max_conns(cluster, example_db, tmp_path):
+def test_transaction_mode_serves_more_requests_at_once_than_max_conns(
+    cluster, example_db, tmp_path
+):
     """One worker, MAX_CONNS=2, POOL_MODE=transaction: requests query, wait 50 ms, query.
 
     The connection goes back to the pool during each wait, so many more requests
@@ -121,15 +132,26 @@ def test_transaction_mode_serves_more_requests_at_once_than_max_conns(cluster, e
     single error and with at most MAX_CONNS server connections.
     """
     max_conns = 2
-    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(max_conns), POOL_TIMEOUT="5",
-                      POOL_MODE="transaction", DB_APPLICATION_NAME=APP_NAME)
+    env = example_env(
+        cluster,
+        EXAMPLE_DB,
+        MAX_CONNS=str(max_conns),
+        POOL_TIMEOUT="5",
+        POOL_MODE="transaction",
+        DB_APPLICATION_NAME=APP_NAME,
+    )
     sampler = ServerConnectionSampler(APP_NAME, interval=0.01)
     try:
         gunicorn, port = start_gunicorn(env, tmp_path / "gunicorn.log", workers=1)
         try:
             sampler.start()
-            load = run_load(port, "/products/summary-with-wait?wait_ms=50", requests=400,
-                            concurrency=40, keep_body=True)
+            load = run_load(
+                port,
+                "/products/summary-with-wait?wait_ms=50",
+                requests=400,
+                concurrency=40,
+                keep_body=True,
+            )
             sampler.stop()
             pool_stats = run_load(port, "/pool/stats", requests=1, concurrency=1, keep_body=True)
             returncode = gunicorn.stop()
@@ -142,8 +164,14 @@ def test_transaction_mode_serves_more_requests_at_once_than_max_conns(cluster, e
     log = gunicorn.log()
     bodies = [json.loads(r.body) for r in load.results if r.ok]
     waiting_peak = max((body["waiting_peak"] for body in bodies), default=0)
-    logger.info("gunicorn transaction mode: %d requests, %d in their wait at once, peak %d "
-                "server connections (MAX_CONNS %d)", len(load.results), waiting_peak, peak, max_conns)
+    logger.info(
+        "gunicorn transaction mode: %d requests, %d in their wait at once, peak %d "
+        "server connections (MAX_CONNS %d)",
+        len(load.results),
+        waiting_peak,
+        peak,
+        max_conns,
+    )
 
     assert [r.error or r.status for r in load.failures] == []
     assert len(bodies) == 400

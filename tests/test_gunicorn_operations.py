@@ -33,9 +33,13 @@ def served(cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gunicorn-ops")
     (workdir / "prometheus").mkdir()
     env = example_env(
-        cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME,
+        cluster,
+        EXAMPLE_DB,
+        MAX_CONNS=str(MAX_CONNS),
+        DB_APPLICATION_NAME=APP_NAME,
         GEVENTPOOL_CONTROL_DIR=str(workdir / "control"),
-        PROMETHEUS_MULTIPROC_DIR=str(workdir / "prometheus"), GEVENTPOOL_METRICS_INTERVAL="1",
+        PROMETHEUS_MULTIPROC_DIR=str(workdir / "prometheus"),
+        GEVENTPOOL_METRICS_INTERVAL="1",
     )
     gunicorn, port = start_gunicorn(env, workdir / "gunicorn.log", workers=WORKERS)
     try:
@@ -47,8 +51,12 @@ def served(cluster, tmp_path_factory):
 
 def _manage(env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "manage.py", "geventpool", *args], cwd=EXAMPLE_DIR, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+        [sys.executable, "manage.py", "geventpool", *args],
+        cwd=EXAMPLE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -103,7 +111,7 @@ def test_drain_reaches_every_worker_and_new_connections_follow(served, cluster):
 
 
 def test_resize_and_stats_reach_every_worker(served):
-    gunicorn, port, env = served
+    _gunicorn, port, env = served
     _load(port)
     result = _manage(env, "resize", "2")
     assert result.returncode == 0, result.stderr
@@ -117,28 +125,34 @@ def test_resize_and_stats_reach_every_worker(served):
 
 
 def _total(samples: dict, name: str) -> float:
-    return sum(value for (sample, labels), value in samples.items()
-               if sample == name and ("pool_name", "default") in labels)
+    return sum(
+        value
+        for (sample, labels), value in samples.items()
+        if sample == name and ("pool_name", "default") in labels
+    )
 
 
 def test_multiprocess_metrics_sum_every_worker(served):
-    gunicorn, port, env = served
+    _gunicorn, port, env = served
     before = _scrape(port)
     workers = _load(port)
     assert len(workers) == WORKERS  # both workers served, so both pools exist
     stats = _manage(env, "stats")
     assert stats.returncode == 0, stats.stderr
-    per_worker = [dict(item.split("=", 1) for item in line.split()[3:])
-                  for line in stats.stdout.splitlines()]
+    per_worker = [
+        dict(item.split("=", 1) for item in line.split()[3:]) for line in stats.stdout.splitlines()
+    ]
     assert len(per_worker) == WORKERS
     expected_max = sum(int(s["pool_max"]) for s in per_worker)
     expected_open = sum(int(s["pool_size"]) for s in per_worker)
 
     # The gauges are copied every GEVENTPOOL_METRICS_INTERVAL (1 s) by each worker.
-    wait_until(lambda: _total(_scrape(port), "db_client_connection_max") == expected_max,
-               timeout=10)
-    wait_until(lambda: _total(_scrape(port), "db_client_connection_count") == expected_open,
-               timeout=10)
+    wait_until(
+        lambda: _total(_scrape(port), "db_client_connection_max") == expected_max, timeout=10
+    )
+    wait_until(
+        lambda: _total(_scrape(port), "db_client_connection_count") == expected_open, timeout=10
+    )
     after = _scrape(port)
     # The histograms are observed as the pools record: exactly one sample per request.
     wait = "db_client_connection_wait_time_seconds_count"

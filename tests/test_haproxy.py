@@ -93,9 +93,7 @@ def test_idle_connections_closed_by_haproxy_are_replaced(
     assert not set(first_pids) & set(second_pids)
 
 
-def test_idle_close_is_found_by_the_local_check_with_timed_round_trips_off(
-    haproxy, configure_pool
-):
+def test_idle_close_is_found_by_the_local_check_with_timed_round_trips_off(haproxy, configure_pool):
     """HEALTH_CHECK_DELAY=None: the readable socket alone leads to the (one) confirming ping."""
     configure_pool(MAX_CONNS=1, HEALTH_CHECK_DELAY=None)
     _hold_connections(1)

@@ -38,8 +38,11 @@ def server_transactions():
     observer = raw_connect(dbname="postgres")
 
     def count() -> int:
-        rows = query(observer, "SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
-                     [connection.settings_dict["NAME"]])
+        rows = query(
+            observer,
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+            [connection.settings_dict["NAME"]],
+        )
         return rows[0][0]
 
     yield count

@@ -83,12 +83,15 @@ def test_a_connection_returned_broken_leaves_the_other_idle_connections_alone(co
     assert stats["requests_errors"] == 0
 
 
-@pytest.mark.parametrize("options", [
-    # Sweeper period: max(min(MAX_IDLE, MAX_LIFETIME) / 2, 0.5 s) = 0.5 s.
-    pytest.param({"MAX_IDLE": 0.5}, id="max_idle"),
-    # MAX_IDLE far away: only the lifetime (0.9 to 1.0 s, jittered) can expire them.
-    pytest.param({"MAX_IDLE": 60.0, "MAX_LIFETIME": 1.0}, id="max_lifetime"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        # Sweeper period: max(min(MAX_IDLE, MAX_LIFETIME) / 2, 0.5 s) = 0.5 s.
+        pytest.param({"MAX_IDLE": 0.5}, id="max_idle"),
+        # MAX_IDLE far away: only the lifetime (0.9 to 1.0 s, jittered) can expire them.
+        pytest.param({"MAX_IDLE": 60.0, "MAX_LIFETIME": 1.0}, id="max_lifetime"),
+    ],
+)
 def test_the_sweeper_closes_expired_idle_connections_without_traffic(configure_pool, options):
     configure_pool(MAX_CONNS=4, **options)
     pids = set(_concurrent_pids(2))
@@ -130,8 +133,10 @@ def test_reuse_conns_keeps_that_many_server_sessions_idle(configure_pool, reuse)
 
 def test_a_changed_user_closes_the_old_users_idle_connections(cluster, configure_pool):
     """docs/operations.md: with dynamic credentials, the old user's idle connections close."""
-    cluster.psql("DO $$ BEGIN CREATE ROLE geventpool_rotated LOGIN; "
-                 "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    cluster.psql(
+        "DO $$ BEGIN CREATE ROLE geventpool_rotated LOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
     configure_pool(MAX_CONNS=2)
     old_pid = backend_pid()
     connection.close()

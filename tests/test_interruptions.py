@@ -78,14 +78,14 @@ def test_interrupted_atomic_blocks_raise_the_interruption_itself(configure_pool,
         outcome: BaseException | None = None
         try:
             _transfer(tag, pause)
-        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+        except BaseException as exc:
             outcome = exc
         finally:
             if timeout is not None:
                 timeout.close()
             try:
                 connection.close()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 outcome = outcome or exc
             outcomes[tag] = outcome
 
@@ -114,15 +114,23 @@ def test_interrupted_atomic_blocks_raise_the_interruption_itself(configure_pool,
     kinds = Counter(type(o).__name__ if o is not None else "committed" for o in outcomes.values())
     # A kill that lands outside the worker's try (before it starts) leaves no outcome.
     wrong = {
-        tag: outcome for tag, outcome in outcomes.items()
+        tag: outcome
+        for tag, outcome in outcomes.items()
         if outcome is not None and not isinstance(outcome, tuple(expected))
     }
     foreign_timeouts = [
-        tag for tag, outcome in outcomes.items()
+        tag
+        for tag, outcome in outcomes.items()
         if isinstance(outcome, gevent.Timeout) and outcome is not timeouts.get(tag)
     ]
-    logger.info("interruption storm: outcomes %s, wrong %s", dict(kinds), Counter(
-        f"{type(o).__name__}: {str(o).splitlines()[0] if str(o) else ''}" for o in wrong.values()))
+    logger.info(
+        "interruption storm: outcomes %s, wrong %s",
+        dict(kinds),
+        Counter(
+            f"{type(o).__name__}: {str(o).splitlines()[0] if str(o) else ''}"
+            for o in wrong.values()
+        ),
+    )
     assert wrong == {}
     assert foreign_timeouts == []
     assert kinds["Timeout"] > 0 and kinds["Killed"] > 0 and kinds["committed"] > 0

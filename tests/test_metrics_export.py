@@ -75,7 +75,8 @@ def _otel_points(reader) -> dict[str, list[Any]]:
                 continue
             for metric in scope.metrics:
                 points[metric.name] = [
-                    p for p in metric.data.data_points
+                    p
+                    for p in metric.data.data_points
                     if p.attributes.get("db.client.connection.pool.name") == "default"
                 ]
     return points
@@ -86,8 +87,11 @@ def _histogram_count(points, name: str) -> int:
 
 
 def _value(points, name: str, **attributes: str) -> int:
-    matching = [p.value for p in points[name]
-                if all(p.attributes.get(k) == v for k, v in attributes.items())]
+    matching = [
+        p.value
+        for p in points[name]
+        if all(p.attributes.get(k) == v for k, v in attributes.items())
+    ]
     assert len(matching) == 1, (name, attributes, points[name])
     return matching[0]
 
@@ -96,19 +100,33 @@ def test_opentelemetry_reports_the_semantic_convention_metrics(configure_pool, o
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.2, REUSE_CONNS=1)
     before = _otel_points(otel_reader)
     timeouts_before = sum(p.value for p in before.get("db.client.connection.timeouts", []))
-    counts_before = {name: _histogram_count(before, name) for name in (
-        "db.client.connection.wait_time", "db.client.connection.use_time",
-        "db.client.connection.create_time")}
+    counts_before = {
+        name: _histogram_count(before, name)
+        for name in (
+            "db.client.connection.wait_time",
+            "db.client.connection.use_time",
+            "db.client.connection.create_time",
+        )
+    }
     seen_while_held: dict[str, Any] = {}
     _workload(lambda: seen_while_held.update(_otel_points(otel_reader)))
 
     after = _otel_points(otel_reader)
-    assert _histogram_count(after, "db.client.connection.wait_time") - counts_before[
-        "db.client.connection.wait_time"] == CHECKOUTS
-    assert _histogram_count(after, "db.client.connection.use_time") - counts_before[
-        "db.client.connection.use_time"] == CHECKOUTS
-    assert _histogram_count(after, "db.client.connection.create_time") - counts_before[
-        "db.client.connection.create_time"] == 1
+    assert (
+        _histogram_count(after, "db.client.connection.wait_time")
+        - counts_before["db.client.connection.wait_time"]
+        == CHECKOUTS
+    )
+    assert (
+        _histogram_count(after, "db.client.connection.use_time")
+        - counts_before["db.client.connection.use_time"]
+        == CHECKOUTS
+    )
+    assert (
+        _histogram_count(after, "db.client.connection.create_time")
+        - counts_before["db.client.connection.create_time"]
+        == 1
+    )
     assert sum(p.value for p in after["db.client.connection.timeouts"]) - timeouts_before == 1
     # Our own buckets, so that OTel, Prometheus and get_stats() agree.
     (wait_point,) = after["db.client.connection.wait_time"]
@@ -116,8 +134,12 @@ def test_opentelemetry_reports_the_semantic_convention_metrics(configure_pool, o
     held = seen_while_held
     assert _value(held, "db.client.connection.count", **{"db.client.connection.state": "used"}) == 1
     assert _value(held, "db.client.connection.count", **{"db.client.connection.state": "idle"}) == 0
-    assert _value(after, "db.client.connection.count", **{"db.client.connection.state": "used"}) == 0
-    assert _value(after, "db.client.connection.count", **{"db.client.connection.state": "idle"}) == 1
+    assert (
+        _value(after, "db.client.connection.count", **{"db.client.connection.state": "used"}) == 0
+    )
+    assert (
+        _value(after, "db.client.connection.count", **{"db.client.connection.state": "idle"}) == 1
+    )
     assert _value(after, "db.client.connection.max") == 1
     assert _value(after, "db.client.connection.idle.max") == 1
     assert _value(after, "db.client.connection.idle.min") == 0
@@ -147,8 +169,10 @@ def test_nothing_is_attached_without_opentelemetry(monkeypatch):
     pool = ConnectionPool("no-otel", FakeDriver())
     try:
         assert otel.attach(pool) is False
-        assert [h.listeners for h in (pool.timings.wait_time, pool.timings.use_time,
-                                      pool.timings.create_time)] == [[], [], []]
+        assert [
+            h.listeners
+            for h in (pool.timings.wait_time, pool.timings.use_time, pool.timings.create_time)
+        ] == [[], [], []]
     finally:
         pool.close()
 
@@ -167,8 +191,11 @@ def _scrape() -> dict[str, Any]:
 
 
 def _sample(families, family: str, sample: str, **labels: str) -> float:
-    matching = [s.value for s in families[family].samples if s.name == sample
-                and all(s.labels.get(k) == v for k, v in labels.items())]
+    matching = [
+        s.value
+        for s in families[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matching) == 1, (family, sample, labels)
     return matching[0]
 
@@ -200,8 +227,12 @@ def test_prometheus_exposition_has_the_same_measures(configure_pool):
     assert _sample(held, count, count, pool_name="default", state="idle") == 0
     assert _sample(families, count, count, pool_name="default", state="used") == 0
     assert _sample(families, count, count, pool_name="default", state="idle") == 1
-    assert _sample(families, "db_client_connection_max", "db_client_connection_max",
-                   pool_name="default") == 1
+    assert (
+        _sample(
+            families, "db_client_connection_max", "db_client_connection_max", pool_name="default"
+        )
+        == 1
+    )
     # And get_stats() reads the same histograms.
     stats = get_stats()
     assert stats["requests_timeouts"] == 1

@@ -68,8 +68,9 @@ def test_drain_closes_idle_now_and_in_use_on_return(configure_pool, observer, ca
     fresh = request_pid()
     assert fresh not in (holder.pid, idle_pid)
     assert pool_pids(observer) == {fresh}
-    assert any("drained: 1 idle connections closed, 1 in use" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "drained: 1 idle connections closed, 1 in use" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_shrinking_waits_for_returns_and_never_takes_a_connection(configure_pool, observer):

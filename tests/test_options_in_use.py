@@ -15,7 +15,9 @@ from django_db_geventpool.backends.options import POOL_OPTION_NAMES
 
 def test_bad_option_surfaces_at_the_first_query(configure_pool):
     configure_pool(POOL_TIMEOUT="soon")
-    with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['default'\]\['OPTIONS'\]\['POOL_TIMEOUT'\]"):
+    with pytest.raises(
+        ImproperlyConfigured, match=r"DATABASES\['default'\]\['OPTIONS'\]\['POOL_TIMEOUT'\]"
+    ):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
 
@@ -28,9 +30,17 @@ def test_djangos_pool_option_surfaces_at_the_first_query(configure_pool):
 
 def test_pool_options_never_reach_the_driver(configure_pool):
     configure_pool(
-        MAX_CONNS=3, REUSE_CONNS=2, POOL_TIMEOUT=5, HEALTH_CHECK_DELAY=None, MAX_LIFETIME=60,
-        MAX_IDLE=30, LEAK_TIMEOUT=60, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.2,
-        RESET_QUERY="DISCARD ALL", CHECK_INTERVAL=10,
+        MAX_CONNS=3,
+        REUSE_CONNS=2,
+        POOL_TIMEOUT=5,
+        HEALTH_CHECK_DELAY=None,
+        MAX_LIFETIME=60,
+        MAX_IDLE=30,
+        LEAK_TIMEOUT=60,
+        CONNECT_RETRIES=2,
+        CONNECT_RETRY_DELAY=0.2,
+        RESET_QUERY="DISCARD ALL",
+        CHECK_INTERVAL=10,
     )
     seen: list[dict] = []
     real = DjangoPostgreSQLWrapper.get_new_connection

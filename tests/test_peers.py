@@ -235,7 +235,8 @@ def test_stopping_a_peer_under_load_fails_no_request_once_detected(clusters, pee
     during_detection = load.failures()
     logger.info(
         "stopping a peer under load: %d of %d requests failed before the pool marked it down",
-        len(during_detection), load.count(),
+        len(during_detection),
+        load.count(),
     )
     # Only requests holding a connection to B when it stopped can fail (at most
     # MAX_CONNS); none that started after the pool saw the failure.
@@ -266,8 +267,11 @@ def test_a_hanging_peer_costs_one_connect_per_interval_not_one_per_request(clust
     server.start()
     try:
         connections.settings["peer_hanging"] = _entry(
-            "127.0.0.1", server.server_port,
-            connect_timeout=2, sslmode="disable", gssencmode="disable",
+            "127.0.0.1",
+            server.server_port,
+            connect_timeout=2,
+            sslmode="disable",
+            gssencmode="disable",
         )
         # REUSE_CONNS=0: every request opens a new connection, so each one would
         # try the hanging peer if the pool did not remember that it is down.
@@ -332,7 +336,8 @@ def test_all_peers_down_waits_then_times_out_naming_each_peer_then_recovers(
     # (it would have been served had a peer come back), and no more.
     assert 2.4 <= waited < 2.5 + 0.5
     marked_down = [
-        r.getMessage() for r in caplog.records
+        r.getMessage()
+        for r in caplog.records
         if r.levelno == logging.WARNING and "marked down" in r.getMessage()
     ]
     for peer in ("'peered'", "'peer_b'"):
@@ -376,7 +381,9 @@ def _held_requests(count: int, alias: str = PEERED) -> list[tuple[str, str]]:
         connection = connections[alias]
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT current_setting('port'), current_setting('application_name')")
+                cursor.execute(
+                    "SELECT current_setting('port'), current_setting('application_name')"
+                )
                 answers.append(tuple(cursor.fetchone()))
             if len(answers) == count:
                 all_in.set()
@@ -398,8 +405,11 @@ def test_peers_and_check_interval_inside_options(clusters, peered):
     peer_b_options["application_name"] = "geventpool-peer-b-own-entry"
     try:
         connections.settings[PEERED] = _entry(
-            a.socket_dir, a.port,
-            MAX_CONNS=4, PEERS=["peer_b", "peer_refusing"], CHECK_INTERVAL=7.5,
+            a.socket_dir,
+            a.port,
+            MAX_CONNS=4,
+            PEERS=["peer_b", "peer_refusing"],
+            CHECK_INTERVAL=7.5,
         )
         assert "PEERS" not in connections.settings[PEERED]
         # Three connections at once, fewest per peer first: one on each peer, the
@@ -477,9 +487,12 @@ def test_libpq_multi_host_keeps_working_through_the_pool(clusters):
     a, b = clusters
     connections.settings["multihost"] = {
         **_entry(
-            "127.0.0.1,127.0.0.1", f"{a.port},{b.port}",
+            "127.0.0.1,127.0.0.1",
+            f"{a.port},{b.port}",
             # REUSE_CONNS=0: every request connects, so libpq's random choice shows.
-            MAX_CONNS=4, REUSE_CONNS=0, load_balance_hosts="random",
+            MAX_CONNS=4,
+            REUSE_CONNS=0,
+            load_balance_hosts="random",
             target_session_attrs="read-write",
         ),
     }
@@ -525,8 +538,14 @@ def test_a_due_peer_is_retried_by_one_checkout_at_a_time():
     prober.join()
     assert opened[-1] == "x" and x.up
     assert peer_set.get_stats() == {
-        "peer.x.up": 1, "peer.x.connections": 1, "peer.x.connects": 1, "peer.x.connects_failed": 0,
-        "peer.y.up": 1, "peer.y.connections": 3, "peer.y.connects": 3, "peer.y.connects_failed": 0,
+        "peer.x.up": 1,
+        "peer.x.connections": 1,
+        "peer.x.connects": 1,
+        "peer.x.connects_failed": 0,
+        "peer.y.up": 1,
+        "peer.y.connections": 3,
+        "peer.y.connects": 3,
+        "peer.y.connects_failed": 0,
     }
     for raw in others:
         peer_set.closed(raw)

@@ -35,8 +35,11 @@ def pgbouncer(cluster, fresh_pool):
     The default alias goes through it, declared with TRANSACTION_POOLING.
     """
     bouncer = PgBouncer(
-        cluster.host, cluster.port, users={cluster.superuser: cluster.password},
-        pool_mode="transaction", pool_size=SERVER_POOL_SIZE,
+        cluster.host,
+        cluster.port,
+        users={cluster.superuser: cluster.password},
+        pool_mode="transaction",
+        pool_size=SERVER_POOL_SIZE,
     )
     bouncer.start()
     _route_default_alias_through(bouncer)
@@ -175,8 +178,14 @@ def test_settings_that_cannot_work_are_refused_or_warned(caplog):
     caplog.set_level(logging.WARNING, logger="django_db_geventpool")
     parse_pool_settings(
         "default",
-        {**base, "OPTIONS": {"TRANSACTION_POOLING": True, "prepare_threshold": 5,
-                             "RESET_QUERY": "DISCARD ALL"}},
+        {
+            **base,
+            "OPTIONS": {
+                "TRANSACTION_POOLING": True,
+                "prepare_threshold": 5,
+                "RESET_QUERY": "DISCARD ALL",
+            },
+        },
     )
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("prepare_threshold" in m for m in messages)
@@ -232,7 +241,9 @@ def test_postgresql_restart_behind_pgbouncer(cluster, fresh_pool, configure_pool
     which no client-side retry can bridge.
     """
     bouncer = PgBouncer(
-        cluster.host, cluster.port, users={cluster.superuser: cluster.password},
+        cluster.host,
+        cluster.port,
+        users={cluster.superuser: cluster.password},
         settings={"server_login_retry": "1"},
     )
     bouncer.start()

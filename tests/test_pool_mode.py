@@ -165,9 +165,9 @@ def test_bulk_create_and_update_or_create(tx_pool):
     tx_pool()
     Item.objects.bulk_create([Item(name="pm-bulk", value=i) for i in range(5)])
     assert held() == 0
-    obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 1})
+    _obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 1})
     assert created and held() == 0
-    obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 7})
+    _obj, created = Item.objects.update_or_create(name="pm-uoc", defaults={"value": 7})
     assert not created and held() == 0
     assert Item.objects.get(name="pm-uoc").value == 7
     values = Item.objects.filter(name="pm-bulk").values_list("value", flat=True)
@@ -212,8 +212,11 @@ def test_nested_atomic_with_savepoints(tx_pool):
             Item.objects.create(name="pm-inner-kept")
         assert held() == 1
     assert held() == 0
-    assert sorted(Item.objects.filter(name__in=["pm-outer", "pm-inner", "pm-inner-kept"])
-                  .values_list("name", flat=True)) == ["pm-inner-kept", "pm-outer"]
+    assert sorted(
+        Item.objects.filter(name__in=["pm-outer", "pm-inner", "pm-inner-kept"]).values_list(
+            "name", flat=True
+        )
+    ) == ["pm-inner-kept", "pm-outer"]
 
 
 def test_durable_atomic(tx_pool):
@@ -445,13 +448,15 @@ def test_session_time_zone(tx_pool):
     def statements():
         for _ in range(3):
             with connection.cursor() as cursor:
-                cursor.execute("SELECT current_setting('TimeZone'), %s::timestamptz",
-                               [datetime.datetime(2020, 1, 1, 12, tzinfo=datetime.timezone.utc)])
+                cursor.execute(
+                    "SELECT current_setting('TimeZone'), %s::timestamptz",
+                    [datetime.datetime(2020, 1, 1, 12, tzinfo=datetime.UTC)],
+                )
                 zone, stamp = cursor.fetchone()
             assert zone == "Asia/Tokyo"
             assert stamp == datetime.datetime(2020, 1, 1, 21, tzinfo=tokyo)
             assert held() == 0
-        stamp = datetime.datetime(2021, 5, 6, 7, 8, tzinfo=datetime.timezone.utc)
+        stamp = datetime.datetime(2021, 5, 6, 7, 8, tzinfo=datetime.UTC)
         item = Item.objects.create(name="pm-tz", stamp=stamp)
         assert Item.objects.get(pk=item.pk).stamp == stamp
         assert held() == 0
@@ -584,8 +589,10 @@ def test_a_greenlet_killed_during_a_statement_loses_that_connection(tx_pool):
     greenlet = gevent.spawn(request)
     observer = raw_connect()
     try:
-        sleeping = ("SELECT count(*) FROM pg_stat_activity "
-                    "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+        sleeping = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        )
         wait_until(lambda: query(observer, sleeping)[0][0] == 1)
         assert held() == 1
         greenlet.kill(timeout=10)
@@ -604,7 +611,6 @@ def test_everyday_django_code_runs_and_gives_back(tx_pool):
     """A sweep of ORM and connection APIs, with a second greenlet sharing MAX_CONNS=1."""
     from django.core.management import call_command
     from django.db.models import Count, F, Max
-
     from gevent.lock import Semaphore
 
     tx_pool(MAX_CONNS=1)
@@ -628,8 +634,9 @@ def test_everyday_django_code_runs_and_gives_back(tx_pool):
             lambda: Item.objects.filter(name="pm-sweep").update(value=F("value") + 1),
             lambda: Item.objects.aggregate(Max("value"), Count("id")),
             lambda: list(Item.objects.values("name").annotate(n=Count("id")).order_by("name")),
-            lambda: list(Item.objects.raw("SELECT * FROM testapp_item WHERE name = %s",
-                                          ["pm-sweep"])),
+            lambda: list(
+                Item.objects.raw("SELECT * FROM testapp_item WHERE name = %s", ["pm-sweep"])
+            ),
             lambda: Item.objects.filter(name="pm-sweep").explain(),
             lambda: Item.objects.in_bulk(field_name="id"),
             lambda: list(Item.objects.filter(name="pm-sweep").values_list("value", flat=True)),

@@ -160,7 +160,10 @@ class WriteLoad:
 def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     a, _ = writable
     connections.settings[SINGLE] = _entry(
-        a, MAX_CONNS=MAX_CONNS, POOL_TIMEOUT=1.5, CHECK_INTERVAL=CHECK_INTERVAL,
+        a,
+        MAX_CONNS=MAX_CONNS,
+        POOL_TIMEOUT=1.5,
+        CHECK_INTERVAL=CHECK_INTERVAL,
         target_session_attrs="read-write",
     )
     load = WriteLoad(SINGLE)
@@ -171,8 +174,10 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
         wait_until(lambda: monotonic() > switched + CHECK_INTERVAL + 3, timeout=20)
         set_read_only(a, False)
         writable_again = monotonic()
-        wait_until(lambda: any(
-            s > writable_again and e is None for s, _, e, _ in load.outcomes), timeout=20)
+        wait_until(
+            lambda: any(s > writable_again and e is None for s, _, e, _ in load.outcomes),
+            timeout=20,
+        )
     finally:
         load.stop()
     read_only_failures = [
@@ -182,8 +187,10 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     stats = get_stats(SINGLE)
     logger.info(
         "read-only, alone: %s; 25006 failures %d; errors after CHECK_INTERVAL+1 s: %s; stats %s",
-        load.summary(), len(read_only_failures),
-        sorted({f"{type(e).__name__}: {str(e)[:160]}" for e in late}), stats,
+        load.summary(),
+        len(read_only_failures),
+        sorted({f"{type(e).__name__}: {str(e)[:160]}" for e in late}),
+        stats,
     )
     # Never a write on a connection whose server had said it was read-only.
     assert not any(reported for *_, reported in load.outcomes)
@@ -202,7 +209,10 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     a, b = writable
     connections.settings[PEERED] = {
         **_entry(
-            a, MAX_CONNS=MAX_CONNS, POOL_TIMEOUT=5.0, CHECK_INTERVAL=CHECK_INTERVAL,
+            a,
+            MAX_CONNS=MAX_CONNS,
+            POOL_TIMEOUT=5.0,
+            CHECK_INTERVAL=CHECK_INTERVAL,
             target_session_attrs="read-write",
         ),
         "PEERS": [PEER_B],
@@ -222,7 +232,8 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     ]
     logger.info(
         "read-only peer: %s; 25006 failures %d (last %.2fs after the switch); stats %s",
-        load.summary(), len(read_only_failures),
+        load.summary(),
+        len(read_only_failures),
         max((s - switched for s, _, e, _ in load.outcomes if e is not None), default=0.0),
         {k: v for k, v in stats.items() if k.startswith("peer.") or "read_only" in k},
     )

@@ -63,7 +63,10 @@ def rotating(scram_cluster, fresh_pool):
     scram_cluster.psql(f"ALTER ROLE {ROLE} PASSWORD 'first-secret'")
     entry = copy.deepcopy(connections.settings["default"])
     entry.update(
-        NAME=DBNAME, USER=ROLE, PASSWORD="first-secret", HOST=scram_cluster.host,
+        NAME=DBNAME,
+        USER=ROLE,
+        PASSWORD="first-secret",
+        HOST=scram_cluster.host,
         PORT=str(scram_cluster.port),
         OPTIONS={"MAX_CONNS": 4, "application_name": APPLICATION_NAME},
     )
@@ -112,8 +115,7 @@ def _sessions(server: PostgresCluster) -> set[int]:
 def _terminate_sessions(server: PostgresCluster) -> None:
     """Terminate the role's sessions and wait until each backend has exited."""
     server.psql(
-        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-        f"WHERE usename = '{ROLE}'"
+        f"SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{ROLE}'"
     )
 
 
@@ -231,7 +233,8 @@ def test_signals_fire_with_sender_and_dbwrapper(rotating):
     # alias over the alias's own settings_dict (a hook's change reaches every
     # later connect); pre and post get the same one.
     assert [(kind, sender) for kind, sender, _ in received] == [
-        ("pre", type(wrapper)), ("post", type(wrapper)),
+        ("pre", type(wrapper)),
+        ("post", type(wrapper)),
     ]
     (_, _, pre_wrapper), (_, _, post_wrapper) = received
     assert pre_wrapper is post_wrapper
@@ -275,7 +278,9 @@ def test_post_reconnect_hook_runs_once_after_a_broken_connection_is_replaced(rot
     # Once, with the connect's wrapper of the alias, after the broken connection
     # was found (lost) and the pre hook ran; the hook runs before the receivers.
     assert [(kind, lost) for kind, _, lost in calls] == [
-        ("pre hook", 1), ("post hook", 1), ("post signal", 1),
+        ("pre hook", 1),
+        ("post hook", 1),
+        ("post signal", 1),
     ]
     wrappers = {id(wrapper) for _, wrapper, _ in calls}
     assert len(wrappers) == 1

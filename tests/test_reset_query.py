@@ -43,12 +43,14 @@ def _leave_session_state() -> int:
 
 
 def _next_users_view() -> tuple:
-    return tuple(_one_request(
-        "SELECT pg_backend_pid()",
-        "SHOW search_path",
-        "SHOW statement_timeout",
-        "SELECT to_regclass('pg_temp.leftover') IS NOT NULL",
-    ))
+    return tuple(
+        _one_request(
+            "SELECT pg_backend_pid()",
+            "SHOW search_path",
+            "SHOW statement_timeout",
+            "SELECT to_regclass('pg_temp.leftover') IS NOT NULL",
+        )
+    )
 
 
 @pytest.fixture
@@ -88,9 +90,11 @@ def test_djangos_session_setup_survives_discard_all(configure_pool, cluster):
     configure_pool(MAX_CONNS=1, RESET_QUERY="DISCARD ALL")
     # Fresh greenlets: a wrapper caches its time zone when first used.
     seen = [
-        tuple(gevent.spawn(
-            _one_request, "SELECT pg_backend_pid()", "SHOW TimeZone", "SELECT current_user"
-        ).get())
+        tuple(
+            gevent.spawn(
+                _one_request, "SELECT pg_backend_pid()", "SHOW TimeZone", "SELECT current_user"
+            ).get()
+        )
         for _ in range(3)
     ]
     assert len({pid for pid, _, _ in seen}) == 1

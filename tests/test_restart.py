@@ -54,7 +54,7 @@ def test_requests_that_start_during_a_restart_wait_for_the_server(cluster, confi
                 cursor.execute("SELECT pg_backend_pid(), pg_postmaster_start_time()")
                 pid, server_started = cursor.fetchone()
             served_by.append((started, pid, server_started))
-        except Exception as exc:  # noqa: BLE001 - recorded and checked below
+        except Exception as exc:
             error = exc
         finally:
             connection.close()
@@ -94,9 +94,15 @@ def test_requests_that_start_during_a_restart_wait_for_the_server(cluster, confi
         "restart (%.2fs outage): %d requests before, %d started during the outage, "
         "%d ran across it, %d failed (%s); connect attempts during the outage %d (%d failed); "
         "stats %s",
-        outage, before_restart, len(during), len(across), len(failed),
+        outage,
+        before_restart,
+        len(during),
+        len(across),
+        len(failed),
         sorted({f"{type(e).__name__}: {str(e).splitlines()[0]}" for _, e, _ in failed}),
-        connect_attempts, connect_errors, get_stats(),
+        connect_attempts,
+        connect_errors,
+        get_stats(),
     )
     assert before_restart > 0
     assert during and len(across) >= WORKERS

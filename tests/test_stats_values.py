@@ -15,7 +15,7 @@ from unittest import mock
 import gevent
 import gevent.event
 import pytest
-from django.db import OperationalError, connection
+from django.db import connection
 from django.db.backends.postgresql.base import DatabaseWrapper as DjangoPostgreSQLWrapper
 
 from django_db_geventpool import get_stats
@@ -43,15 +43,28 @@ CHECKED_ELSEWHERE = {
     "pool_opening": "test_connect_faults.py (0 once every connect has ended)",
 }
 CHECKED_HERE = {
-    "pool_max", "pool_size", "pool_available", "requests_waiting", "requests_num",
-    "requests_queued", "requests_wait_ms", "requests_errors", "connections_num",
-    "connections_ms", "connections_errors",
+    "pool_max",
+    "pool_size",
+    "pool_available",
+    "requests_waiting",
+    "requests_num",
+    "requests_queued",
+    "requests_wait_ms",
+    "requests_errors",
+    "connections_num",
+    "connections_ms",
+    "connections_errors",
 }
 
 
 def _documented_keys() -> set[str]:
     return set(COUNTER_KEYS) | {
-        "pool_max", "pool_min", "pool_size", "pool_available", "pool_opening", "requests_waiting"
+        "pool_max",
+        "pool_min",
+        "pool_size",
+        "pool_available",
+        "pool_opening",
+        "requests_waiting",
     }
 
 

@@ -17,8 +17,9 @@ def test_stop_fails_on_a_request_still_running(configure_pool):
     sleeping: set[int] = set()
     try:
         sleeping = wait_until_running(observer, SLOW, count=2)  # both requests are in the server
-        with pytest.raises(AssertionError, match=r"2 of 2 load greenlets still in a request"
-                           ) as excinfo:
+        with pytest.raises(
+            AssertionError, match=r"2 of 2 load greenlets still in a request"
+        ) as excinfo:
             load.stop(timeout=0.5)
     finally:
         # psycopg2 cannot cancel the interrupted queries: end their backends, or they

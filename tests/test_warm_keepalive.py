@@ -65,8 +65,9 @@ def test_min_conns_warm_up_in_the_background_and_are_kept(configure_pool, observ
     # Lost while idle: replaced in the background, no request needed.
     victim = sorted(warm)[0]
     terminate_backend(victim)
-    wait_until(lambda: len(pool_pids(observer)) == 3 and victim not in pool_pids(observer),
-               timeout=10)
+    wait_until(
+        lambda: len(pool_pids(observer)) == 3 and victim not in pool_pids(observer), timeout=10
+    )
     assert get_stats()["requests_num"] == 0
     assert pool is connections["default"].geventpool
 

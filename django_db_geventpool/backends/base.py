@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
@@ -38,7 +38,7 @@ from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
 from .peering import build_peer_set, peer_connection_params, peer_settings
-from .pool_mode import TRANSACTION, PoolModeMixin
+from .pool_mode import PoolModeMixin
 
 __all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]
 
@@ -60,14 +60,7 @@ _INTERRUPTED = frozenset({1, 4})  # ACTIVE, UNKNOWN
 _params_by_alias: dict[str, tuple[tuple, dict[str, Any], dict[str, Any]]] = {}
 
 
-if TYPE_CHECKING:
-    # What the mixin is mixed into: Django's PostgreSQL wrapper (checked with django-stubs).
-    from django.db.backends.postgresql.base import DatabaseWrapper as _MixinBase
-else:
-    _MixinBase = object
-
-
-class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
+class PooledDatabaseWrapperMixin(PoolModeMixin):
     """Serve a Django PostgreSQL ``DatabaseWrapper`` from a per-alias gevent pool.
 
     ``POOL_MODE = "transaction"`` (`PoolModeMixin`) gives the connection back
@@ -144,9 +137,13 @@ class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
         # what they are built from has changed (a hook may change settings_dict).
         settings_dict = self.settings_dict
         source = (
-            settings_dict.get("NAME"), settings_dict.get("USER"), settings_dict.get("PASSWORD"),
-            settings_dict.get("HOST"), settings_dict.get("PORT"),
-            django_settings.USE_TZ, self.timezone,
+            settings_dict.get("NAME"),
+            settings_dict.get("USER"),
+            settings_dict.get("PASSWORD"),
+            settings_dict.get("HOST"),
+            settings_dict.get("PORT"),
+            django_settings.USE_TZ,
+            self.timezone,
         )
         options = settings_dict.get("OPTIONS") or {}
         cached = _params_by_alias.get(self.alias)
@@ -192,7 +189,9 @@ class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
         if reconnect:
             signals.send_pre_reconnect(self)
         # Read now, not when the pool was created: a hook may have changed them.
-        params = self.get_connection_params() if peer is None else peer_connection_params(self, peer)
+        params = (
+            self.get_connection_params() if peer is None else peer_connection_params(self, peer)
+        )
         ops = driver_ops()
         # Each attempt (each peer) is bounded: libpq's connect_timeout if set, else
         # POOL_TIMEOUT; a peer that never answers is marked down like a refusing one.
@@ -276,7 +275,7 @@ class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
                 return
             if self._abandon_if_interrupted():
                 return
-        super()._set_autocommit(autocommit)  # type: ignore[misc]
+        super()._set_autocommit(autocommit)
 
     # -- an interrupted query ------------------------------------------------------
     #
@@ -289,7 +288,7 @@ class PooledDatabaseWrapperMixin(PoolModeMixin, _MixinBase):
     def _rollback(self) -> None:
         if self._pool_lease is not None and self._abandon_if_interrupted():
             return
-        super()._rollback()  # type: ignore[misc]
+        super()._rollback()
 
     def _abandon_if_interrupted(self) -> bool:
         """Give back (to be closed) a connection an interruption left unusable; True if so."""
@@ -332,7 +331,8 @@ def pooled_aliases() -> list[str]:
     from django.db import connections
 
     return [
-        alias for alias in connections.settings
+        alias
+        for alias in connections.settings
         if isinstance(connections[alias], PooledDatabaseWrapperMixin)
     ]
 
@@ -367,8 +367,9 @@ def _target_of(settings_dict: dict[str, Any], peer_set: Any) -> tuple:
         return target
     # An idle connection to any peer will do: the target is the whole set's,
     # and it changes (closing idle connections) when any peer's entry does.
-    return (target,) + tuple(
-        connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]
+    return (
+        target,
+        *tuple(connection_target(peer_settings(peer.name)) for peer in peer_set.peers[1:]),
     )
 
 

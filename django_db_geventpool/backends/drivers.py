@@ -107,7 +107,9 @@ class Psycopg3Ops(_DBAPIOps):
     def read_only(raw: Any) -> bool:
         """The server said (ParameterStatus, PostgreSQL 14+) that it refuses writes."""
         status = raw.pgconn.parameter_status
-        return status(b"default_transaction_read_only") == b"on" or status(b"in_hot_standby") == b"on"
+        return (
+            status(b"default_transaction_read_only") == b"on" or status(b"in_hot_standby") == b"on"
+        )
 
     @staticmethod
     def ensure_cooperative(alias: str) -> None:

@@ -164,8 +164,12 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
             f"warm must be kept idle; got {min_conns!r}."
         )
     keepalive = values["KEEPALIVE_INTERVAL"]
-    if keepalive is not None and values["MAX_IDLE"] is not None and keepalive >= values["MAX_IDLE"] \
-            and not min_conns:
+    if (
+        keepalive is not None
+        and values["MAX_IDLE"] is not None
+        and keepalive >= values["MAX_IDLE"]
+        and not min_conns
+    ):
         raise ImproperlyConfigured(
             f"{where}['KEEPALIVE_INTERVAL'] ({keepalive!r}) must be shorter than MAX_IDLE "
             f"({values['MAX_IDLE']!r}), or idle connections expire before their first "

@@ -39,13 +39,19 @@ import functools
 import logging
 import sys
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db.backends.base.base import NO_DB_ALIAS
-from gevent import get_hub, spawn
 from django.db.backends.signals import connection_created
+from gevent import get_hub, spawn
 
 from .. import registry
+
+if TYPE_CHECKING:
+    # What the mixins are mixed into: Django's PostgreSQL wrapper (checked with django-stubs).
+    from django.db.backends.postgresql.base import DatabaseWrapper as _MixinBase
+else:
+    _MixinBase = object
 
 __all__ = ["PoolModeMixin", "SESSION", "TRANSACTION", "POOL_MODES"]
 
@@ -79,7 +85,7 @@ class _ReleasingCursor:
     _server_side = False
 
     def _attach(self) -> None:
-        db = self.db  # type: ignore[attr-defined]
+        db = self.db
         if self._lease is not None and db._pool_lease is self._lease:
             return
         db.ensure_connection()
@@ -96,7 +102,7 @@ class _ReleasingCursor:
         """Before COPY and the like: their I/O is not a statement we see end, so the
         checkout stays with the wrapper until it is closed (as raw access does)."""
         self._attach()
-        self.db._raw_pinned = True  # type: ignore[attr-defined]
+        self.db._raw_pinned = True
 
     def __getattr__(self, attr: str) -> Any:
         if attr in _IO_METHODS:
@@ -113,7 +119,7 @@ class _ReleasingCursor:
         return self._run(super().callproc, procname, params, kparams)  # type: ignore[misc]
 
     def _run(self, method: Any, *args: Any) -> Any:
-        db = self.db  # type: ignore[attr-defined]
+        db = self.db
         db._in_use += 1
         try:
             self._attach()
@@ -133,10 +139,10 @@ class _ReleasingCursor:
 
     def close(self) -> None:
         try:
-            self.cursor.close()  # type: ignore[has-type]
+            self.cursor.close()
         finally:
             if self._server_side:
-                db = self.db  # type: ignore[attr-defined]
+                db = self.db
                 cursors = db._server_cursors
                 if cursors is not None:
                     cursors.discard(self)
@@ -197,7 +203,7 @@ class _FetchedRows:
             size = self._cursor.arraysize
         start = self._pos
         self._pos = min(start + size, len(self._rows))
-        return self._rows[start:self._pos]
+        return self._rows[start : self._pos]
 
     def fetchall(self) -> list[Any]:
         start, self._pos = self._pos, len(self._rows)
@@ -218,7 +224,7 @@ def _driver_is_psycopg2() -> bool:
     return isinstance(driver_ops(), Psycopg2Ops)
 
 
-class PoolModeMixin:
+class PoolModeMixin(_MixinBase):
     """The transaction-mode half of `PooledDatabaseWrapperMixin`; see the module docstring."""
 
     # Class defaults: Django's __init__ need not know these.
@@ -260,14 +266,14 @@ class PoolModeMixin:
 
     def _transaction_mode_configured(self) -> bool:
         """True if this alias is set up for transaction mode (no pool needed to say)."""
-        if self.alias == NO_DB_ALIAS:  # type: ignore[attr-defined]
+        if self.alias == NO_DB_ALIAS:
             return False
-        options = self.settings_dict.get("OPTIONS") or {}  # type: ignore[attr-defined]
+        options = self.settings_dict.get("OPTIONS") or {}
         return options.get("POOL_MODE") == TRANSACTION
 
     def _pool_in_transaction_mode(self) -> bool:
         """True if this alias's pool (validated settings) runs in transaction mode."""
-        pool = registry.pools.get(self.alias)  # type: ignore[attr-defined]
+        pool = registry.pools.get(self.alias)
         if pool is None or pool.closed:
             pool = self.geventpool  # type: ignore[attr-defined]
             if pool is None:
@@ -279,29 +285,29 @@ class PoolModeMixin:
 
     def connect(self) -> None:
         if not self._pool_in_transaction_mode():
-            return super().connect()  # type: ignore[misc]
+            return super().connect()
         # Django's connect(), minus what transaction mode does elsewhere:
         # connection_created is sent once per server connection (when the pool
         # opens it), and pooled connections are handed out in autocommit
         # (AUTOCOMMIT=True is required), so there is no autocommit to set.
-        self.check_settings()  # type: ignore[attr-defined]
+        self.check_settings()
         self.in_atomic_block = False
         self.savepoint_ids: list[Any] = []
         self.atomic_blocks: list[Any] = []
         self.needs_rollback = False
-        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        settings_dict = self.settings_dict
         self.health_check_enabled = settings_dict["CONN_HEALTH_CHECKS"]
         self.close_at = None
         self.closed_in_transaction = False
         self.errors_occurred = False
         self.health_check_done = True
         # The pool's opener reads the connection parameters itself.
-        self.connection = self.get_new_connection({})  # type: ignore[attr-defined]
+        self.connection = self.get_new_connection({})
         self._releasing = True
         self.autocommit = True
         self._in_use += 1  # the session set-up below may wait on the server
         try:
-            self.init_connection_state()  # type: ignore[attr-defined]
+            self.init_connection_state()
         finally:
             self._in_use -= 1
         self.run_on_commit: list[Any] = []
@@ -312,17 +318,17 @@ class PoolModeMixin:
     def get_autocommit(self) -> bool:
         if (
             self._raw_connection is None
-            and not self.in_atomic_block  # type: ignore[has-type]
+            and not self.in_atomic_block
             and self._transaction_mode_configured()
         ):
             # Between statements nothing is held and autocommit is on: say so
             # without checking a connection out (on_commit() outside atomic()).
             return True
-        return super().get_autocommit()  # type: ignore[misc]
+        return super().get_autocommit()
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
-        was_on = self.autocommit  # type: ignore[has-type]
-        super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
+        was_on = self.autocommit
+        super().set_autocommit(autocommit, *args, **kwargs)
         if autocommit and not was_on:
             # The outermost atomic() ended (its on_commit callbacks ran inside
             # super()), or a manual transaction did.
@@ -355,18 +361,18 @@ class PoolModeMixin:
     def is_usable(self) -> bool:
         self._in_use += 1
         try:
-            return super().is_usable()  # type: ignore[misc, no-any-return]
+            return super().is_usable()
         finally:
             self._in_use -= 1
 
     def make_cursor(self, cursor: Any) -> Any:
-        wrapper = super().make_cursor(cursor)  # type: ignore[misc]
+        wrapper = super().make_cursor(cursor)
         if self._releasing:
             self._make_releasing(wrapper, cursor)
         return wrapper
 
     def make_debug_cursor(self, cursor: Any) -> Any:
-        wrapper = super().make_debug_cursor(cursor)  # type: ignore[misc]
+        wrapper = super().make_debug_cursor(cursor)
         if self._releasing:
             self._make_releasing(wrapper, cursor)
         return wrapper
@@ -388,8 +394,8 @@ class PoolModeMixin:
         return not (
             self._in_use
             or not self._releasing
-            or self.in_atomic_block  # type: ignore[has-type]
-            or not self.autocommit  # type: ignore[has-type]
+            or self.in_atomic_block
+            or not self.autocommit
             or self._raw_pinned
             or self._server_cursors
         )
@@ -427,8 +433,11 @@ class PoolModeMixin:
             cursor = last() if last is not None else None
             if cursor is not None and self._buffers_results:
                 raw_cursor = cursor.cursor
-                if (not isinstance(raw_cursor, _FetchedRows) and not raw_cursor.closed
-                        and raw_cursor.description is not None):
+                if (
+                    not isinstance(raw_cursor, _FetchedRows)
+                    and not raw_cursor.closed
+                    and raw_cursor.description is not None
+                ):
                     cursor.cursor = _FetchedRows(raw_cursor)
             self._end_pool_mode_checkout()
             self._pool_lease = None

@@ -57,10 +57,15 @@ DATABASES = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
+    },
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "django_db_geventpool": {"handlers": ["stderr"], "level": os.environ.get("POOL_LOG_LEVEL", "INFO")},
+        "django_db_geventpool": {
+            "handlers": ["stderr"],
+            "level": os.environ.get("POOL_LOG_LEVEL", "INFO"),
+        },
     },
 }
 

@@ -5,7 +5,6 @@ from functools import wraps
 
 from django.http import HttpResponseForbidden
 from django.urls import path
-
 from shop.views import product_summary, summary_with_wait
 
 from django_db_geventpool.views import ready_view, stats_view

@@ -40,7 +40,11 @@ def summary_with_wait(request):
     finally:
         _waiting -= 1
     total = Product.objects.aggregate(total_cents=Sum("price_cents"))["total_cents"]
-    return JsonResponse({
-        "products": products, "total_cents": total, "waiting_peak": _waiting_peak,
-        "pid": os.getpid(),
-    })
+    return JsonResponse(
+        {
+            "products": products,
+            "total_cents": total,
+            "waiting_peak": _waiting_peak,
+            "pid": os.getpid(),
+        }
+    )

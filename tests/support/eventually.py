@@ -10,7 +10,9 @@ import gevent
 __all__ = ["wait_until"]
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
+) -> None:
     """Yield to the hub until ``predicate()`` is true; fail after ``timeout`` seconds.
 
     The bound is a safety net against a hanging test, not a speed assertion.

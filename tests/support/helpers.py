@@ -58,12 +58,15 @@ def pool_pids(conn, state: str | None = None) -> set[int]:
 
 def running(conn, sql: str, application_name: str = TEST_APPLICATION_NAME) -> set[int]:
     """Pids of the backends (of ``application_name``) running exactly ``sql`` right now."""
-    return {pid for (pid,) in query(
-        conn,
-        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
-        " AND query = %s",
-        [application_name, sql],
-    )}
+    return {
+        pid
+        for (pid,) in query(
+            conn,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active'"
+            " AND query = %s",
+            [application_name, sql],
+        )
+    }
 
 
 def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 10.0) -> set[int]:
@@ -121,7 +124,9 @@ class ServerConnectionSampler:
     shorten the series.
     """
 
-    def __init__(self, application_name: str = TEST_APPLICATION_NAME, interval: float = 0.005) -> None:
+    def __init__(
+        self, application_name: str = TEST_APPLICATION_NAME, interval: float = 0.005
+    ) -> None:
         self.application_name = application_name
         self.interval = interval
         self.samples: list[int] = []

@@ -47,8 +47,14 @@ class LoadResult:
 
 
 def run_load(
-    port: int, path: str, *, requests: int, concurrency: int, timeout: float = 30.0,
-    on_result: Callable[[RequestResult], None] | None = None, keep_body: bool = False,
+    port: int,
+    path: str,
+    *,
+    requests: int,
+    concurrency: int,
+    timeout: float = 30.0,
+    on_result: Callable[[RequestResult], None] | None = None,
+    keep_body: bool = False,
 ) -> LoadResult:
     """Send ``requests`` GETs to 127.0.0.1:port ``path`` from ``concurrency`` greenlets."""
     load = LoadResult()
@@ -76,7 +82,10 @@ def run_load(
                     conn.close()
                     conn = None
                 result = RequestResult(
-                    started, monotonic() - started, status, error,
+                    started,
+                    monotonic() - started,
+                    status,
+                    error,
                     body if (keep_body or status != 200) else b"",
                 )
                 load.results.append(result)

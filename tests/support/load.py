@@ -90,7 +90,8 @@ class Load:
         stuck = [greenlet for greenlet in self._greenlets if not greenlet.dead]
         if stuck:
             stacks = "\n".join(
-                "".join(traceback.format_stack(greenlet.gr_frame)) for greenlet in stuck
+                "".join(traceback.format_stack(greenlet.gr_frame))
+                for greenlet in stuck
                 if greenlet.gr_frame is not None
             )
             gevent.killall(stuck, timeout=5)

@@ -93,8 +93,13 @@ class PostgresCluster:
 
         env = {**os.environ, "LC_ALL": "C", "PGPASSWORD": self.password}
         result = subprocess.run(
-            argv, preexec_fn=demote, env=env, cwd=self.root,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv,
+            preexec_fn=demote,
+            env=env,
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         if check and result.returncode != 0:
             log = self.logfile.read_text() if self.logfile.exists() else ""
@@ -106,54 +111,110 @@ class PostgresCluster:
         pwfile.write_text(self.password + "\n")
         if self.run_as is not None:
             os.chown(pwfile, self.run_as.pw_uid, self.run_as.pw_gid)
-        self._run([
-            self.binaries["initdb"], "-D", str(self.datadir), "-U", self.superuser,
-            "--pwfile", str(pwfile), "-A", self.auth, "-E", "UTF8", "--no-sync",
-        ])
+        self._run(
+            [
+                self.binaries["initdb"],
+                "-D",
+                str(self.datadir),
+                "-U",
+                self.superuser,
+                "--pwfile",
+                str(pwfile),
+                "-A",
+                self.auth,
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        )
         conf = self.datadir / "postgresql.conf"
         extra = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.socket_dir}'",
-            **{k: v if v.replace(".", "").isdigit() or v in ("on", "off") else f"'{v}'"
-               for k, v in self.settings.items()},
+            **{
+                k: v if v.replace(".", "").isdigit() or v in ("on", "off") else f"'{v}'"
+                for k, v in self.settings.items()
+            },
         }
         with conf.open("a") as f:
             for key, value in extra.items():
                 f.write(f"{key} = {value}\n")
 
     def start(self) -> None:
-        self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-l", str(self.logfile),
-                   "-w", "-t", "60", "start"])
+        self._run(
+            [
+                self.binaries["pg_ctl"],
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
 
     def stop(self, mode: str = "fast") -> None:
-        self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-m", mode, "-w", "stop"],
-                  check=False)
+        self._run(
+            [self.binaries["pg_ctl"], "-D", str(self.datadir), "-m", mode, "-w", "stop"],
+            check=False,
+        )
 
     def restart(self, mode: str = "fast") -> None:
-        self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-l", str(self.logfile),
-                   "-m", mode, "-w", "-t", "60", "restart"])
+        self._run(
+            [
+                self.binaries["pg_ctl"],
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ]
+        )
 
     def promote(self) -> None:
         """Promote a standby to a primary (``pg_ctl promote``), once it accepts writes."""
         self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "-w", "-t", "60", "promote"])
 
     @classmethod
-    def standby_of(cls, primary: "PostgresCluster") -> "PostgresCluster":
+    def standby_of(cls, primary: PostgresCluster) -> PostgresCluster:
         """A streaming standby of ``primary`` (``pg_basebackup -R``), not started yet.
 
         It listens on a port and socket directory of its own; ``hot_standby`` lets
         it serve read-only sessions, which report ``in_hot_standby = on``.
         """
         standby = cls(
-            superuser=primary.superuser, password=primary.password, auth=primary.auth,
+            superuser=primary.superuser,
+            password=primary.password,
+            auth=primary.auth,
             initialize=False,
         )
-        standby._run([
-            _find_server_binary("pg_basebackup"), "-D", str(standby.datadir), "-R",
-            "-X", "stream", "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port),
-            "-U", primary.superuser, "--no-sync",
-        ])
+        standby._run(
+            [
+                _find_server_binary("pg_basebackup"),
+                "-D",
+                str(standby.datadir),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                primary.socket_dir,
+                "-p",
+                str(primary.port),
+                "-U",
+                primary.superuser,
+                "--no-sync",
+            ]
+        )
         with (standby.datadir / "postgresql.conf").open("a") as f:
             # Later lines win over the primary's copied ones.
             f.write(f"port = {standby.port}\n")
@@ -162,7 +223,9 @@ class PostgresCluster:
         return standby
 
     def is_running(self) -> bool:
-        result = self._run([self.binaries["pg_ctl"], "-D", str(self.datadir), "status"], check=False)
+        result = self._run(
+            [self.binaries["pg_ctl"], "-D", str(self.datadir), "status"], check=False
+        )
         return result.returncode == 0
 
     def destroy(self) -> None:
@@ -184,14 +247,34 @@ class PostgresCluster:
 
     def dsn(self, dbname: str = "postgres", tcp: bool = False) -> str:
         host = self.host if tcp else self.socket_dir
-        return (f"host={host} port={self.port} dbname={dbname} user={self.superuser} "
-                f"password={self.password}")
+        return (
+            f"host={host} port={self.port} dbname={dbname} user={self.superuser} "
+            f"password={self.password}"
+        )
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run ``sql`` with psql as the superuser; return its unaligned output."""
         psql = shutil.which("psql") or str(Path(self.binaries["initdb"]).with_name("psql"))
-        result = self._run([psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.socket_dir,
-                            "-p", str(self.port), "-U", self.superuser, "-d", dbname, "-c", sql])
+        result = self._run(
+            [
+                psql,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.socket_dir,
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ]
+        )
         return result.stdout.strip()
 
 

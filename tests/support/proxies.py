@@ -28,6 +28,7 @@ __all__ = ["HAProxy", "PgBouncer", "require_binary"]
 
 logger = logging.getLogger(__name__)
 
+
 def require_binary(name: str) -> str:
     """The path of ``name``; fail the test, saying how to install it, if it is missing."""
     found = shutil.which(name) or next(
@@ -65,7 +66,10 @@ class _Proxy:
         log = open(self.root / "output.log", "ab")
         try:
             self.process = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
                 preexec_fn=self._preexec,
             )
         finally:

@@ -18,8 +18,15 @@ from pathlib import Path
 from tests.support.pgserver import PostgresCluster, free_port
 
 __all__ = [
-    "EXAMPLE_DIR", "REPO_ROOT", "ManagedProcess", "example_env", "migrate_example",
-    "start_gunicorn", "start_redis", "start_celery_worker", "wait_for_port",
+    "EXAMPLE_DIR",
+    "REPO_ROOT",
+    "ManagedProcess",
+    "example_env",
+    "migrate_example",
+    "start_gunicorn",
+    "start_redis",
+    "start_celery_worker",
+    "wait_for_port",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +42,9 @@ def wait_for_port(
     """Return once host:port accepts connections; raise if the process died or time ran out."""
     while True:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process exited with {process.returncode} before listening on {port}"
+            )
         try:
             # A numeric address and a plain socket: no getaddrinfo, which would
             # start gevent's resolver thread (and fork() warns about threads).
@@ -57,8 +66,13 @@ class ManagedProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.pid = self.process.pid
 
@@ -111,8 +125,11 @@ def migrate_example(cluster: PostgresCluster, dbname: str) -> None:
         cluster.psql(f"CREATE DATABASE {dbname}")
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
-        cwd=EXAMPLE_DIR, env=example_env(cluster, dbname), check=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=EXAMPLE_DIR,
+        env=example_env(cluster, dbname),
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -121,7 +138,11 @@ def _bin(name: str) -> str:
 
 
 def start_gunicorn(
-    env: dict[str, str], log_path: Path, *, workers: int, app: str = "project.wsgi",
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    workers: int,
+    app: str = "project.wsgi",
     extra_args: tuple[str, ...] = (),
 ) -> tuple[ManagedProcess, int]:
     """gunicorn with gevent workers through the repository's gunicorn.conf.py; (process, port)."""
@@ -140,11 +161,24 @@ def start_gunicorn(
 def start_redis(workdir: Path) -> tuple[ManagedProcess, int]:
     """A throwaway redis-server in ``workdir`` (no persistence); (process, port)."""
     if shutil.which("redis-server") is None:
-        raise RuntimeError("redis-server not found: install it (Debian: apt-get install redis-server)")
+        raise RuntimeError(
+            "redis-server not found: install it (Debian: apt-get install redis-server)"
+        )
     port = free_port()
     argv = [
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-        "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
     ]
     proc = ManagedProcess(argv, log_path=workdir / "redis.log", env=dict(os.environ), cwd=workdir)
     try:
@@ -158,9 +192,22 @@ def start_redis(workdir: Path) -> tuple[ManagedProcess, int]:
 def start_celery_worker(env: dict[str, str], log_path: Path, *, concurrency: int) -> ManagedProcess:
     """``celery -A project worker --pool gevent`` of the example project."""
     argv = [
-        _bin("celery"), "-A", "project", "worker", "--pool", "gevent",
-        "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip",
-        "--without-mingle", "--without-heartbeat", "--prefetch-multiplier", "4",
-        "--hostname", f"geventpool-test-{os.getpid()}@localhost",
+        _bin("celery"),
+        "-A",
+        "project",
+        "worker",
+        "--pool",
+        "gevent",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--prefetch-multiplier",
+        "4",
+        "--hostname",
+        f"geventpool-test-{os.getpid()}@localhost",
     ]
     return ManagedProcess(argv, log_path=log_path, env=env, cwd=EXAMPLE_DIR)

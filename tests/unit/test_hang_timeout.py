@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).parents[2]
 
-HANGING_TESTS = '''
+HANGING_TESTS = """
 import time
 
 import gevent
@@ -45,7 +45,7 @@ def test_spins():
 
 def test_after_the_hangs_still_runs():
     assert True
-'''
+"""
 
 
 def test_a_hung_test_fails_with_its_stacks_and_the_run_goes_on(tmp_path):
@@ -55,9 +55,25 @@ def test_a_hung_test_fails_with_its_stacks_and_the_run_goes_on(tmp_path):
     (tmp_path / "test_hanging.py").write_text(HANGING_TESTS)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "gevent.monkey", "--module", "pytest", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), "--timeout", "2", str(tmp_path)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gevent.monkey",
+            "--module",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "--timeout",
+            "2",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=120,
     )
     out = result.stdout

@@ -39,8 +39,12 @@ def test_quantiles_are_exact_to_the_bucket():
     assert 0.2 < histogram.quantile(0.99) <= 0.5
     assert Histogram().quantile(0.99) == 0.0
     stats = PoolTimings().stats()
-    assert stats == {"requests_wait_p50_ms": 0, "requests_wait_p99_ms": 0,
-                     "requests_use_p50_ms": 0, "requests_use_p99_ms": 0}
+    assert stats == {
+        "requests_wait_p50_ms": 0,
+        "requests_wait_p99_ms": 0,
+        "requests_use_p50_ms": 0,
+        "requests_use_p99_ms": 0,
+    }
 
 
 def test_listeners_get_every_sample_and_none_by_default():

@@ -32,8 +32,7 @@ def clock(monkeypatch) -> Clock:
 
 def test_lifetimes_are_spread_over_the_last_tenth(clock):
     server = Server()
-    pool = make_pool(max_size=COUNT, max_lifetime=LIFETIME, max_idle=None,
-                     health_check_delay=None)
+    pool = make_pool(max_size=COUNT, max_lifetime=LIFETIME, max_idle=None, health_check_delay=None)
     leases = [pool.checkout(server.open) for _ in range(COUNT)]
     opened_at = clock.now
 

@@ -18,9 +18,22 @@ def test_the_unit_tests_run_with_starting_a_server_forbidden():
     env = {**os.environ, NO_SERVER_ENV: "1"}
     this_test = "tests/unit/test_no_server.py"
     result = subprocess.run(
-        [sys.executable, "-m", "gevent.monkey", "--module", "pytest", "-q", "tests/unit",
-         "--deselect", f"{this_test}::test_the_unit_tests_run_with_starting_a_server_forbidden"],
-        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gevent.monkey",
+            "--module",
+            "pytest",
+            "-q",
+            "tests/unit",
+            "--deselect",
+            f"{this_test}::test_the_unit_tests_run_with_starting_a_server_forbidden",
+        ],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:]

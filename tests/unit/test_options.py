@@ -98,11 +98,23 @@ def test_every_option_has_a_bad_value_case():
 
 
 def test_good_values_are_accepted():
-    settings = parse_pool_settings("default", _settings(
-        MAX_CONNS=8, REUSE_CONNS=0, POOL_TIMEOUT=1, HEALTH_CHECK_DELAY=0, MAX_LIFETIME=None,
-        MAX_IDLE=None, LEAK_TIMEOUT=2.5, CONNECT_RETRIES=0, CONNECT_RETRY_DELAY=0,
-        RESET_QUERY="DISCARD ALL", PEERS=["replica"], CHECK_INTERVAL=5,
-    ))
+    settings = parse_pool_settings(
+        "default",
+        _settings(
+            MAX_CONNS=8,
+            REUSE_CONNS=0,
+            POOL_TIMEOUT=1,
+            HEALTH_CHECK_DELAY=0,
+            MAX_LIFETIME=None,
+            MAX_IDLE=None,
+            LEAK_TIMEOUT=2.5,
+            CONNECT_RETRIES=0,
+            CONNECT_RETRY_DELAY=0,
+            RESET_QUERY="DISCARD ALL",
+            PEERS=["replica"],
+            CHECK_INTERVAL=5,
+        ),
+    )
     assert settings.max_conns == 8
     assert settings.reuse_conns == 0
     assert settings.health_check_delay == 0
@@ -153,7 +165,9 @@ def test_defaults_follow_the_design():
 
 
 def test_reuse_conns_above_max_conns_is_rejected():
-    with pytest.raises(ImproperlyConfigured, match=r"\['REUSE_CONNS'\] must be at most MAX_CONNS \(2\)"):
+    with pytest.raises(
+        ImproperlyConfigured, match=r"\['REUSE_CONNS'\] must be at most MAX_CONNS \(2\)"
+    ):
         parse_pool_settings("default", _settings(MAX_CONNS=2, REUSE_CONNS=3))
 
 

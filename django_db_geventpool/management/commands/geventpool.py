@@ -25,12 +25,17 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("verb", choices=["drain", "resize", "stats"])
-        parser.add_argument("max_conns", nargs="?", type=int,
-                            help="the new MAX_CONNS (resize only)")
+        parser.add_argument(
+            "max_conns", nargs="?", type=int, help="the new MAX_CONNS (resize only)"
+        )
         parser.add_argument("--database", default="default", help="the alias (default: default)")
         parser.add_argument("--control-dir", help="default: GEVENTPOOL_CONTROL_DIR")
-        parser.add_argument("--timeout", type=float, default=10.0,
-                            help="seconds to wait for the answers (default 10)")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            help="seconds to wait for the answers (default 10)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         verb, max_conns = options["verb"], options["max_conns"]
@@ -39,7 +44,8 @@ class Command(BaseCommand):
         if verb != "resize" and max_conns is not None:
             raise CommandError(f"{verb} takes no number")
         directory = (
-            options["control_dir"] or os.environ.get("GEVENTPOOL_CONTROL_DIR")
+            options["control_dir"]
+            or os.environ.get("GEVENTPOOL_CONTROL_DIR")
             or getattr(settings, "GEVENTPOOL_CONTROL_DIR", None)
         )
         if not directory:
@@ -61,8 +67,11 @@ class Command(BaseCommand):
                 continue
             stats = answer.get("stats") or {}
             pairs = " ".join(f"{key}={stats[key]}" for key in sorted(stats))
-            done = {"drain": f"drained ({answer['result']} idle closed)",
-                    "resize": f"resized to {max_conns}", "stats": "stats"}[verb]
+            done = {
+                "drain": f"drained ({answer['result']} idle closed)",
+                "resize": f"resized to {max_conns}",
+                "stats": "stats",
+            }[verb]
             self.stdout.write(f"pid {pid}: {done}: {pairs}")
         for pid in silent:
             self.stderr.write(f"pid {pid}: no answer within {options['timeout']}s")
