@@ -432,10 +432,16 @@ def test_connection_created_once_per_server_connection(tx_pool):
         pids.append(run(lambda: [pid_of_statement() for _ in range(3)][-1]))
         both.set()
         greenlet.get(timeout=10)
+        # A connector the atomic() block started may still be connecting.
+        wait_until(lambda: get_stats()["pool_opening"] == 0)
     finally:
         connection_created.disconnect(receiver)
     assert get_stats()["connections_num"] == 2
-    assert sorted(received) == sorted(set(pids)) and len(received) == 2
+    # Once per server connection: two connections, two signals, each on its own
+    # connection. (Which of them served the statements depends on the connector
+    # and the release order: the second may have gone idle unused.)
+    assert len(received) == 2 == len(set(received))
+    assert set(pids) <= set(received)
 
 
 def test_session_time_zone(tx_pool):
