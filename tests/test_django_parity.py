@@ -203,6 +203,7 @@ if "django.contrib.gis" in settings.INSTALLED_APPS:
         held_between = 0 if pool_mode == "transaction" else 1
 
         def held():
+            gevent.sleep(0)  # transaction mode gives back when the greenlet next waits
             stats = get_stats()
             return stats["pool_size"] - stats["pool_available"]
 
