@@ -38,7 +38,7 @@ from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
 from .peering import build_peer_set, peer_connection_params, peer_settings
-from .pool_mode import PoolModeMixin
+from .pool_mode import PoolModeSwitch
 
 __all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]
 
@@ -60,11 +60,12 @@ _INTERRUPTED = frozenset({1, 4})  # ACTIVE, UNKNOWN
 _params_by_alias: dict[str, tuple[tuple, dict[str, Any], dict[str, Any]]] = {}
 
 
-class PooledDatabaseWrapperMixin(PoolModeMixin):
+class PooledDatabaseWrapperMixin(PoolModeSwitch):
     """Serve a Django PostgreSQL ``DatabaseWrapper`` from a per-alias gevent pool.
 
-    ``POOL_MODE = "transaction"`` (`PoolModeMixin`) gives the connection back
-    between uses instead of at the end of the request.
+    ``POOL_MODE = "transaction"`` gives the connection back between uses instead of
+    at the end of the request: `PoolModeSwitch` gives such a wrapper the class of
+    its transaction mode (`pool_mode.PoolModeMixin` first).
     """
 
     _pool_lease: Lease | None = None
@@ -213,7 +214,7 @@ class PooledDatabaseWrapperMixin(PoolModeMixin):
             # Django's per-session set-up (time zone, assume_role), done once per
             # server connection instead of at every checkout.
             self._configure_session(raw)
-            if self._pool_in_transaction_mode():
+            if self._transaction_mode_configured():
                 # Transaction mode sends connection_created once per server
                 # connection, here, rather than at every checkout.
                 self._announce_server_connection(raw)

@@ -45,15 +45,13 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
 from gevent import get_hub, spawn
 
-from .. import registry
-
 if TYPE_CHECKING:
     # What the mixins are mixed into: Django's PostgreSQL wrapper (checked with django-stubs).
     from django.db.backends.postgresql.base import DatabaseWrapper as _MixinBase
 else:
     _MixinBase = object
 
-__all__ = ["PoolModeMixin", "SESSION", "TRANSACTION", "POOL_MODES"]
+__all__ = ["POOL_MODES", "SESSION", "TRANSACTION", "PoolModeMixin", "PoolModeSwitch"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,8 +222,99 @@ def _driver_is_psycopg2() -> bool:
     return isinstance(driver_ops(), Psycopg2Ops)
 
 
+class PoolModeSwitch(_MixinBase):
+    """What a session-mode wrapper needs of transaction mode: noticing that it is on.
+
+    Transaction mode lives in a subclass of the wrapper's class (`PoolModeMixin`
+    first), and a wrapper's class is switched when its alias's ``POOL_MODE``
+    says so: at creation, and at the moments a wrapper holds nothing (``connect()``
+    and ``get_autocommit()`` with no connection). A session-mode wrapper thus
+    runs none of transaction mode's hooks (a property on ``connection``, use
+    counters around Django's I/O): its checkout costs what it did before the mode
+    existed.
+    """
+
+    #: True in the transaction-mode classes (`PoolModeMixin`).
+    _transaction_mode = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self._transaction_mode and self._transaction_mode_configured():
+            self._switch_mode(transaction=True)
+
+    def _transaction_mode_configured(self) -> bool:
+        """True if this alias is set up for transaction mode (no pool needed to say)."""
+        if self.alias == NO_DB_ALIAS:
+            return False
+        options = self.settings_dict.get("OPTIONS") or {}
+        return options.get("POOL_MODE") == TRANSACTION
+
+    def _switch_mode(self, *, transaction: bool) -> None:
+        """Give this wrapper the class of the other mode; it holds no connection."""
+        attributes = self.__dict__
+        if transaction:
+            raw = attributes.pop("connection", None)
+            self.__class__ = _transaction_class(type(self))
+            attributes["_raw_connection"] = raw
+        else:
+            raw = attributes.pop("_raw_connection", None)
+            self.__class__ = type(self)._session_class  # type: ignore[attr-defined]
+            attributes["connection"] = raw
+
+    def connect(self) -> None:
+        if not self._transaction_mode and self._transaction_mode_configured():
+            self._switch_mode(transaction=True)
+            return self.connect()
+        return super().connect()
+
+    def get_autocommit(self) -> bool:
+        if (
+            not self._transaction_mode
+            and self.connection is None
+            and self._transaction_mode_configured()
+        ):
+            # on_commit() or atomic() before any statement: transaction mode says
+            # so without checking a connection out.
+            self._switch_mode(transaction=True)
+            return self.get_autocommit()
+        return super().get_autocommit()
+
+    def _end_pool_mode_checkout(self) -> None:
+        """Forget what pinned the checkout that ends (nothing in session mode)."""
+
+    def _announce_server_connection(self, raw: Any) -> None:
+        """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
+        previous, self.connection = self.connection, raw
+        try:
+            connection_created.send(
+                sender=getattr(type(self), "_session_class", type(self)), connection=self
+            )
+        finally:
+            self.connection = previous
+
+
+# Session-mode wrapper class -> its transaction-mode subclass.
+_transaction_classes: dict[type, type] = {}
+
+
+def _transaction_class(session_class: type) -> type:
+    variant = _transaction_classes.get(session_class)
+    if variant is None:
+        variant = type(
+            session_class.__name__,
+            (PoolModeMixin, session_class),
+            {"__module__": session_class.__module__, "_session_class": session_class},
+        )
+        _transaction_classes[session_class] = variant
+    return variant
+
+
 class PoolModeMixin(_MixinBase):
     """The transaction-mode half of `PooledDatabaseWrapperMixin`; see the module docstring."""
+
+    _transaction_mode = True
+    #: The session-mode class this one extends (set by `_transaction_class`).
+    _session_class: type
 
     # Class defaults: Django's __init__ need not know these.
     _pool_lease: Any = None
@@ -264,28 +353,12 @@ class PoolModeMixin(_MixinBase):
 
     # -- the mode ---------------------------------------------------------------
 
-    def _transaction_mode_configured(self) -> bool:
-        """True if this alias is set up for transaction mode (no pool needed to say)."""
-        if self.alias == NO_DB_ALIAS:
-            return False
-        options = self.settings_dict.get("OPTIONS") or {}
-        return options.get("POOL_MODE") == TRANSACTION
-
-    def _pool_in_transaction_mode(self) -> bool:
-        """True if this alias's pool (validated settings) runs in transaction mode."""
-        pool = registry.pools.get(self.alias)
-        if pool is None or pool.closed:
-            pool = self.geventpool  # type: ignore[attr-defined]
-            if pool is None:
-                return False
-        settings = getattr(pool, "settings", None)
-        return settings is not None and settings.pool_mode == TRANSACTION
-
     # -- Django's hooks -----------------------------------------------------------
 
     def connect(self) -> None:
-        if not self._pool_in_transaction_mode():
-            return super().connect()
+        if not self._transaction_mode_configured():
+            self._switch_mode(transaction=False)
+            return self.connect()
         # Django's connect(), minus what transaction mode does elsewhere:
         # connection_created is sent once per server connection (when the pool
         # opens it), and pooled connections are handed out in autocommit
@@ -316,11 +389,7 @@ class PoolModeMixin(_MixinBase):
         self._release_if_idle(None)
 
     def get_autocommit(self) -> bool:
-        if (
-            self._raw_connection is None
-            and not self.in_atomic_block
-            and self._transaction_mode_configured()
-        ):
+        if self._raw_connection is None and not self.in_atomic_block:
             # Between statements nothing is held and autocommit is on: say so
             # without checking a connection out (on_commit() outside atomic()).
             return True
@@ -466,7 +535,7 @@ class PoolModeMixin(_MixinBase):
         previous, self.connection = self._raw_connection, raw
         releasing, self._releasing = self._releasing, False
         try:
-            connection_created.send(sender=self.__class__, connection=self)
+            connection_created.send(sender=self._session_class, connection=self)
         finally:
             self.connection = previous
             self._releasing = releasing
