@@ -276,7 +276,7 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
                 return
             if self._abandon_if_interrupted():
                 return
-        super()._set_autocommit(autocommit)
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     # -- an interrupted query ------------------------------------------------------
     #
@@ -289,7 +289,7 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
     def _rollback(self) -> None:
         if self._pool_lease is not None and self._abandon_if_interrupted():
             return
-        super()._rollback()
+        super()._rollback()  # type: ignore[misc]
 
     def _abandon_if_interrupted(self) -> bool:
         """Give back (to be closed) a connection an interruption left unusable; True if so."""

@@ -309,7 +309,7 @@ def _transaction_class(session_class: type) -> type:
     return variant
 
 
-class PoolModeMixin(_MixinBase):
+class PoolModeMixin(PoolModeSwitch):
     """The transaction-mode half of `PooledDatabaseWrapperMixin`; see the module docstring."""
 
     _transaction_mode = True
