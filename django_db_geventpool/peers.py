@@ -33,14 +33,13 @@ connections are opened by a callable, and the driver's connect errors are given.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any, TypeVar
 
+from . import forking
 from .errors import AllPeersDown
 
 __all__ = ["AllPeersDown", "Peer", "PeerCountingOps", "PeerSet", "PEER_STATS_SUFFIXES"]
@@ -117,7 +116,7 @@ class PeerSet:
         # Open connections by id(), with the object itself so the id cannot be
         # reused while it is tracked.
         self._peer_of: dict[int, tuple[Any, Peer]] = {}
-        _live_peer_sets.add(self)
+        forking.track_peer_set(self)
 
     # -- opening ----------------------------------------------------------------
 
@@ -249,6 +248,19 @@ class PeerSet:
         """``ops`` (the pool's `DriverOps`), telling this set when a connection closes."""
         return PeerCountingOps(ops, self)
 
+    def forget_after_fork(self) -> None:
+        """In a forked child (called by `forking`, after the pools): counts start from zero.
+
+        The pools forgot the parent's connections without closing them, so their
+        counts are dropped here; a connect in progress in the parent does not exist
+        in the child, and a peer left "probing" would never be retried.
+        """
+        self._peer_of.clear()
+        for peer in self.peers:
+            peer.opening = 0
+            peer.probing = False
+            peer.connections = 0
+
     def get_stats(self) -> dict[str, int]:
         """``peer.<name>.up`` (1 or 0), ``.connections``, ``.connects``, ``.connects_failed``."""
         stats: dict[str, int] = {}
@@ -285,22 +297,3 @@ class PeerCountingOps:
             self._ops.close(raw)
         finally:
             self._peer_set.closed(raw)
-
-
-# Every peer set of the process, so that a forked child does not inherit a
-# connect in progress: a peer left "probing" would never be retried there.
-_live_peer_sets: weakref.WeakSet[PeerSet] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for peer_set in list(_live_peer_sets):
-        # The pool forgets the parent's connections without closing them (see
-        # ConnectionPool._forget_after_fork), so their counts are dropped here.
-        peer_set._peer_of.clear()
-        for peer in peer_set.peers:
-            peer.opening = 0
-            peer.probing = False
-            peer.connections = 0
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -31,7 +31,7 @@ Semantics, which the rest of the package relies on:
 * **Nothing lost.** A connection held by a greenlet that ends without returning it
   is returned when the greenlet ends (gevent ``Greenlet``) or when its owner object
   is garbage collected. After ``fork()`` the child forgets every connection of its
-  parent without touching the parent's sockets.
+  parent without touching the parent's sockets (see `forking`).
 * **Warm and alive.** ``min_size`` connections are opened in the background (with
   jitter) and kept through ``max_idle``; ``keepalive_interval`` gives idle
   connections a round trip at that interval.
@@ -43,7 +43,6 @@ operations come from a `DriverOps` object and connections are opened by the
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -61,6 +60,7 @@ from gevent import getcurrent
 from gevent.hub import Waiter as HubWaiter
 from gevent.monkey import get_original
 
+from . import forking
 from .errors import AllPeersDown, ConnectTimeout, PoolClosed, PoolError, PoolTimeout
 from .histogram import PoolTimings
 
@@ -397,7 +397,7 @@ class ConnectionPool:
         # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
         self.timings = PoolTimings()
         self._stats_sources.append(self.timings.stats)
-        _live_pools.add(self)
+        forking.track_pool(self)
         logger.info(
             "pool %r created: max_size=%d reuse_size=%d min_size=%d timeout=%.1fs",
             name,
@@ -1228,16 +1228,12 @@ class ConnectionPool:
         """Merge ``source()`` (more measures, by name) into every `get_stats` result."""
         self._stats_sources.append(source)
 
-    def _forget_after_fork(self) -> None:
+    def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without touching them.
 
-        The sockets are shared with the parent, so the child must neither send on
-        them nor close them politely (a Terminate message would end the parent's
-        session). Each descriptor is pointed at /dev/null, and the driver objects
-        are kept alive, never closed: closing one (or letting it be freed) takes
-        the driver's connection lock, which a greenlet of the parent may have held
-        at fork time, and the child would hang before it could ``exec`` (psycopg2,
-        any ``subprocess`` call made while queries run).
+        Called by `forking` (the package's one fork hook); the inherited driver
+        objects go to `forking.keep_inherited_alive`, which says why they are
+        never closed.
         """
         inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
         for lease in self._in_use:
@@ -1245,20 +1241,13 @@ class ConnectionPool:
             lease.greenlet = None
             if lease.finalizer is not None:
                 lease.finalizer.detach()
-        if inherited:
-            devnull = os.open(os.devnull, os.O_RDWR)
+        for conn in inherited:
             try:
-                for conn in inherited:
-                    try:
-                        os.dup2(devnull, self.driver.fileno(conn.raw))
-                    except Exception:
-                        pass
-                    _inherited_after_fork.append(conn.raw)
-                    # One reference that is never dropped, so not even the
-                    # interpreter's shutdown frees (and thereby closes) it.
-                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn.raw))
-            finally:
-                os.close(devnull)
+                fileno: int | None = self.driver.fileno(conn.raw)
+            except Exception as exc:  # a driver object the parent had closed
+                logger.debug("pool %r: no descriptor after fork: %s", self.name, exc)
+                fileno = None
+            forking.keep_inherited_alive(conn.raw, fileno)
         self._idle.clear()
         self._in_use.clear()
         self._waiters.clear()
@@ -1286,20 +1275,3 @@ def _reclaim_collected(lease_ref: weakref.ref[Lease]) -> None:
     lease = lease_ref()
     if lease is not None and lease.active:
         gevent.spawn(lease.pool._reclaim, lease, "owner garbage collected")
-
-
-# Driver connections a forked child inherited, their sockets now /dev/null: kept
-# referenced for the child's lifetime so that they are never closed or freed
-# (see ConnectionPool._forget_after_fork): a few objects and /dev/null descriptors.
-_inherited_after_fork: list[Any] = []
-
-# Every pool of the process, so a fork can make the child forget them all.
-_live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_live_pools):
-        pool._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
 from .. import checks as _checks  # noqa: F401 - registers the system checks
-from .. import otel, registry, signals
+from .. import forking, otel, registry, signals
 from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
 from .drivers import driver_ops
@@ -386,8 +385,8 @@ def _configured_isolation_level(settings_dict: dict[str, Any]) -> Any:
 
 
 def _forget_in_child() -> None:
-    # The pools forget their connections themselves; the wrappers of the greenlet
-    # that forked must also stop pointing at them.
+    # Step 3 of forking's hook: the pools have forgotten their connections; the
+    # wrappers of the greenlet that forked must also stop pointing at them.
     from django.db import connections
 
     for wrapper in connections.all(initialized_only=True):
@@ -395,4 +394,4 @@ def _forget_in_child() -> None:
             wrapper._forget_inherited_connection()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+forking.on_fork_in_child(_forget_in_child)
