@@ -273,13 +273,12 @@ class PoolModeMixin(_MixinBase):
 
     def _pool_in_transaction_mode(self) -> bool:
         """True if this alias's pool (validated settings) runs in transaction mode."""
-        pool = registry.pools.get(self.alias)
-        if pool is None or pool.closed:
-            pool = self.geventpool  # type: ignore[attr-defined]
-            if pool is None:
+        record = registry.aliases.get(self.alias)
+        if record is None or record.pool.closed:
+            record = self._geventpool_record()  # type: ignore[attr-defined]
+            if record is None:
                 return False
-        settings = getattr(pool, "settings", None)
-        return settings is not None and settings.pool_mode == TRANSACTION
+        return record.settings.pool_mode == TRANSACTION
 
     # -- Django's hooks -----------------------------------------------------------
 
