@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 from . import forking
 from .errors import AllPeersDown
 
-__all__ = ["AllPeersDown", "Peer", "PeerCountingOps", "PeerSet", "PEER_STATS_SUFFIXES"]
+__all__ = ["AllPeersDown", "Peer", "PeerSet", "PEER_STATS_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +239,15 @@ class PeerSet:
     # -- bookkeeping ------------------------------------------------------------
 
     def closed(self, raw: Any) -> None:
-        """Forget a connection that was closed (unknown or already forgotten: no-op)."""
+        """Forget a connection that was closed (unknown or already forgotten: no-op).
+
+        Given to the pool as its ``on_close``: the pool closes every connection it
+        owns through it (discard, expiry, reset failure, pool close), so this is
+        where the per-peer count of open connections goes down.
+        """
         entry = self._peer_of.pop(id(raw), None)
         if entry is not None:
             entry[1].connections -= 1
-
-    def counting_ops(self, ops: Any) -> PeerCountingOps:
-        """``ops`` (the pool's `DriverOps`), telling this set when a connection closes."""
-        return PeerCountingOps(ops, self)
 
     def forget_after_fork(self) -> None:
         """In a forked child (called by `forking`, after the pools): counts start from zero.
@@ -275,25 +276,3 @@ class PeerSet:
 
 class _ReadOnlyServer(Exception):
     """Why a peer was marked down when its server turned read-only (a message only)."""
-
-
-class PeerCountingOps:
-    """A pool's `DriverOps` that also tells its `PeerSet` when a connection is closed.
-
-    The pool closes every connection it owns through ``driver.close`` (discard,
-    expiry, reset failure, pool close, fork), so this is where the per-peer count
-    of open connections goes down.
-    """
-
-    def __init__(self, ops: Any, peer_set: PeerSet) -> None:
-        self._ops = ops
-        self._peer_set = peer_set
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ops, name)
-
-    def close(self, raw: Any) -> None:
-        try:
-            self._ops.close(raw)
-        finally:
-            self._peer_set.closed(raw)

@@ -90,13 +90,13 @@ class PooledDatabaseWrapperMixin(PoolModeMixin):
         ops = driver_ops()
         ops.ensure_cooperative(self.alias)
         # With PEERS: one pool over all peers; the peer set counts each peer's
-        # connections (closed through the pool's driver ops) and adds its stats.
+        # connections (the pool tells it of each close) and adds its stats.
         peer_set = build_peer_set(self.alias, settings, ops.connect_errors)
-        pool_ops = ops if peer_set is None else peer_set.counting_ops(ops)
         peers = 1 if peer_set is None else len(peer_set.peers)
         pool = ConnectionPool(
             self.alias,
-            pool_ops,
+            ops,
+            on_close=None if peer_set is None else peer_set.closed,
             opener=_pool_opener(type(self), self.settings_dict, self.alias, peer_set),
             target_of=functools.partial(_target_of, self.settings_dict, peer_set),
             # One attempt per peer, each bounded by connect_timeout or POOL_TIMEOUT
