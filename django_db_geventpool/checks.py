@@ -1,9 +1,11 @@
 """Django system checks (``manage.py check``) for the mistakes users of the pool make.
 
-Registered when a django_db_geventpool backend is imported, which Django does during
-``django.setup()`` as soon as one model exists (it asks the default connection for
-its name length limits). A project whose default alias uses another ENGINE can add
-``"django_db_geventpool"`` to ``INSTALLED_APPS`` to get them as well.
+Registered by `register`, which the ENGINE modules call when Django imports them (it
+does so during ``django.setup()`` as soon as one model exists: it asks the default
+connection for its name length limits), and which the app config calls too
+(``"django_db_geventpool"`` in ``INSTALLED_APPS``, for a project whose default alias
+uses another ENGINE). Registering twice is harmless. This module imports the backends,
+never the reverse: the module graph goes one way (ENGINE module -> checks -> glue).
 
 ===============================  ======================================================
 ``django_db_geventpool.E001``    a pool option has a wrong name, type or range
@@ -36,7 +38,17 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
-__all__ = ["TAG", "check_pool_settings", "check_connection_budget", "expected_processes"]
+from .backends.base import pooled_aliases
+from .backends.drivers import Psycopg3Ops
+from .backends.options import parse_pool_settings
+
+__all__ = [
+    "TAG",
+    "check_pool_settings",
+    "check_connection_budget",
+    "expected_processes",
+    "register",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +72,17 @@ def _psycogreen_installed() -> bool:
     return importlib.util.find_spec("psycogreen") is not None
 
 
-@checks.register(TAG)
+def register() -> None:
+    """Register the system checks with Django (idempotent)."""
+    checks.register(check_pool_settings, TAG)
+    checks.register(check_connection_budget, checks.Tags.database, TAG)
+
+
 def check_pool_settings(
     app_configs: Iterable[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """Options, driver patching and ``CONN_MAX_AGE`` of every pooled alias (no I/O)."""
     from django.db import connections
-
-    from .backends.base import pooled_aliases
-    from .backends.drivers import Psycopg3Ops
-    from .backends.options import parse_pool_settings
 
     messages: list[checks.CheckMessage] = []
     aliases = pooled_aliases()
@@ -193,15 +206,11 @@ def _server_limit(alias: str) -> int:
         wrapper.close()
 
 
-@checks.register(checks.Tags.database, TAG)
 def check_connection_budget(
     app_configs: Iterable[Any] | None = None, databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """``MAX_CONNS`` x processes, summed per server, against the server's ``max_connections``."""
     from django.db import connections
-
-    from .backends.base import pooled_aliases
-    from .backends.options import parse_pool_settings
 
     if not databases:
         return []

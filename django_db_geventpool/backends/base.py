@@ -30,7 +30,6 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
-from .. import checks as _checks  # noqa: F401 - registers the system checks
 from .. import forking, otel, registry, signals
 from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
