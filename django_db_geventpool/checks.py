@@ -17,6 +17,10 @@ never the reverse: the module graph goes one way (ENGINE module -> checks -> glu
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
 ``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (no release)
 ``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (one per use)
+``django_db_geventpool.W005``    ``TRANSACTION_POOLING`` with ``OPTIONS["prepare_threshold"]``
+                                 (works only with pgbouncer >= 1.21 and prepared statements on)
+``django_db_geventpool.W006``    ``TRANSACTION_POOLING`` with ``RESET_QUERY`` (resets whichever
+                                 server connection the proxy picks)
 ===============================  ======================================================
 
 W002 needs the server: it runs when checks are given databases (``check --database
@@ -116,6 +120,7 @@ def check_pool_settings(
                 )
             )
         messages.extend(_pool_mode_warnings(alias, settings_dict))
+        messages.extend(_transaction_pooling_warnings(alias, settings_dict))
     if not aliases:
         return messages
     if _uses_psycopg3():
@@ -172,6 +177,44 @@ def _pool_mode_warnings(alias: str, settings_dict: dict[str, Any]) -> list[check
                 hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
                 "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
                 id=_ID.format("W004"),
+            )
+        )
+    return messages
+
+
+def _transaction_pooling_warnings(
+    alias: str, settings_dict: dict[str, Any]
+) -> list[checks.CheckMessage]:
+    """Settings that may not work behind a declared transaction-pooling proxy.
+
+    (The settings that cannot work there are refused by the option parsing, E001.)
+    """
+    options = settings_dict.get("OPTIONS") or {}
+    if options.get("TRANSACTION_POOLING") is not True:
+        return []
+    where = f"DATABASES[{alias!r}]"
+    messages: list[checks.CheckMessage] = []
+    if options.get("prepare_threshold") is not None:
+        messages.append(
+            checks.Warning(
+                f"{where} has OPTIONS['prepare_threshold'] with TRANSACTION_POOLING: named "
+                "statements are prepared on one server connection and run on another; this "
+                "only works with pgbouncer >= 1.21 and max_prepared_statements > 0 (and "
+                "psycopg >= 3.2).",
+                hint="Remove prepare_threshold (Django then disables prepared statements), "
+                "or configure pgbouncer's max_prepared_statements.",
+                id=_ID.format("W005"),
+            )
+        )
+    if options.get("RESET_QUERY"):
+        messages.append(
+            checks.Warning(
+                f"{where} has OPTIONS['RESET_QUERY'] with TRANSACTION_POOLING: it costs a round "
+                "trip per return and resets whichever server connection the proxy picks, not "
+                "the next user's.",
+                hint="Remove RESET_QUERY and keep session state out of the application (SET "
+                "LOCAL inside a transaction instead of SET).",
+                id=_ID.format("W006"),
             )
         )
     return messages
