@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .peers import PeerSet
+    from .peerset import PeerSet
     from .pool import ConnectionPool
 
 __all__ = ["keep_inherited_alive", "on_fork_in_child", "track_peer_set", "track_pool"]

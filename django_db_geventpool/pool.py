@@ -457,7 +457,7 @@ class ConnectionPool:
         self._reconnect_pending = False
         # True while the server grants fewer connections than max_size (logged once).
         self._capped = False
-        # Extra live measures merged into get_stats() (per-peer state, see peers.py).
+        # Extra live measures merged into get_stats() (per-peer state, see peerset.py).
         self._stats_sources: list[Callable[[], dict[str, int]]] = []
         # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
         self.timings = PoolTimings()

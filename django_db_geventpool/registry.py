@@ -17,7 +17,7 @@ from .pool import ConnectionPool
 
 if TYPE_CHECKING:
     from .backends.options import PoolSettings
-    from .peers import PeerSet
+    from .peerset import PeerSet
 
 __all__ = ["AliasPool", "aliases", "close_all", "created_hooks", "open_pools", "pool_of"]
 

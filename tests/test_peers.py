@@ -27,7 +27,7 @@ from django.core.management import call_command
 from django.db import DatabaseError, OperationalError, connections
 
 from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry, signals
-from django_db_geventpool.peers import PeerSet
+from django_db_geventpool.peerset import PeerSet
 from tests.support.eventually import wait_until
 from tests.support.pgserver import PostgresCluster, free_port
 from tests.testapp.models import Item

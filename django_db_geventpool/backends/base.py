@@ -18,7 +18,7 @@ sends ``connection_created``; ``close()`` still handles atomic blocks and
 
 With ``PEERS`` the alias still has one pool; each new server connection goes to
 a peer chosen by the pool's `PeerSet` and is opened with that peer's
-``DATABASES`` entry (see ``peering.py`` and ``peers.py``).
+``DATABASES`` entry (see ``peers_glue.py`` and ``peerset.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
-from .peering import build_peer_set, peer_connection_params, peer_settings
+from .peers_glue import build_peer_set, peer_connection_params, peer_settings
 from .pool_mode import PoolModeMixin
 
 __all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]

@@ -28,6 +28,7 @@ Semantics, which the Django glue and the docs rely on:
 
 Like `pool`, this module knows nothing of Django or of a driver: peers are names,
 connections are opened by a callable, and the driver's connect errors are given.
+Its Django glue (reading the peers' ``DATABASES`` entries) is ``backends/peers_glue.py``.
 """
 
 from __future__ import annotations
