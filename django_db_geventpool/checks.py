@@ -119,8 +119,7 @@ def check_pool_settings(
                     id=_ID.format("W001"),
                 )
             )
-        messages.extend(_pool_mode_warnings(alias, settings_dict))
-        messages.extend(_transaction_pooling_warnings(alias, settings_dict))
+        messages.extend(_combination_warnings(alias, settings_dict))
     if not aliases:
         return messages
     if _uses_psycopg3():
@@ -149,75 +148,64 @@ def check_pool_settings(
     return messages
 
 
-def _pool_mode_warnings(alias: str, settings_dict: dict[str, Any]) -> list[checks.CheckMessage]:
-    """Settings that defeat ``POOL_MODE = "transaction"`` (the mode still works with them)."""
-    options = settings_dict.get("OPTIONS") or {}
-    if options.get("POOL_MODE") != "transaction":
-        return []
-    where = f"DATABASES[{alias!r}]"
-    messages: list[checks.CheckMessage] = []
-    if settings_dict.get("ATOMIC_REQUESTS"):
-        messages.append(
-            checks.Warning(
-                f"{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in "
-                "one transaction, so each request holds its connection from its first query to its "
-                "end, as in session mode, including while it waits on anything else.",
-                hint="Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
-                "transaction.atomic(), or use POOL_MODE='session'.",
-                id=_ID.format("W003"),
-            )
-        )
-    if options.get("RESET_QUERY"):
-        messages.append(
-            checks.Warning(
-                f"{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs "
-                "every time the connection is given back, that is after every statement outside "
-                "a transaction (one more round trip each), and with DISCARD ALL the session set-up "
-                "(time zone, role) is redone at every checkout.",
-                hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
-                "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
-                id=_ID.format("W004"),
-            )
-        )
-    return messages
+# Settings that defeat a mode the alias declares (the mode still works with them):
+# id -> (message, hint); the message is formatted with ``where`` (the alias's entry).
+_COMBINATIONS: dict[str, tuple[str, str]] = {
+    "W003": (
+        "{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in one "
+        "transaction, so each request holds its connection from its first query to its end, as "
+        "in session mode, including while it waits on anything else.",
+        "Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
+        "transaction.atomic(), or use POOL_MODE='session'.",
+    ),
+    "W004": (
+        "{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs every "
+        "time the connection is given back, that is after every statement outside a "
+        "transaction (one more round trip each), and with DISCARD ALL the session set-up (time "
+        "zone, role) is redone at every checkout.",
+        "Remove RESET_QUERY and keep session state out of the application: SET LOCAL inside "
+        "transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
+    ),
+    "W005": (
+        "{where} has OPTIONS['prepare_threshold'] with TRANSACTION_POOLING: named statements are "
+        "prepared on one server connection and run on another; this only works with pgbouncer "
+        ">= 1.21 and max_prepared_statements > 0 (and psycopg >= 3.2).",
+        "Remove prepare_threshold (Django then disables prepared statements), or configure "
+        "pgbouncer's max_prepared_statements.",
+    ),
+    "W006": (
+        "{where} has OPTIONS['RESET_QUERY'] with TRANSACTION_POOLING: it costs a round trip per "
+        "return and resets whichever server connection the proxy picks, not the next user's.",
+        "Remove RESET_QUERY and keep session state out of the application (SET LOCAL inside a "
+        "transaction instead of SET).",
+    ),
+}
 
 
-def _transaction_pooling_warnings(
-    alias: str, settings_dict: dict[str, Any]
-) -> list[checks.CheckMessage]:
-    """Settings that may not work behind a declared transaction-pooling proxy.
+def _combination_warnings(alias: str, settings_dict: dict[str, Any]) -> list[checks.CheckMessage]:
+    """Settings that defeat ``POOL_MODE = "transaction"`` or a declared transaction pooler.
 
-    (The settings that cannot work there are refused by the option parsing, E001.)
+    (The settings that cannot work behind a pooler are refused by the option parsing, E001.)
     """
     options = settings_dict.get("OPTIONS") or {}
-    if options.get("TRANSACTION_POOLING") is not True:
-        return []
+    transaction_mode = options.get("POOL_MODE") == "transaction"
+    pooler = options.get("TRANSACTION_POOLING") is True
+    found = (
+        ("W003", transaction_mode and settings_dict.get("ATOMIC_REQUESTS")),
+        ("W004", transaction_mode and options.get("RESET_QUERY")),
+        ("W005", pooler and options.get("prepare_threshold") is not None),
+        ("W006", pooler and options.get("RESET_QUERY")),
+    )
     where = f"DATABASES[{alias!r}]"
-    messages: list[checks.CheckMessage] = []
-    if options.get("prepare_threshold") is not None:
-        messages.append(
-            checks.Warning(
-                f"{where} has OPTIONS['prepare_threshold'] with TRANSACTION_POOLING: named "
-                "statements are prepared on one server connection and run on another; this "
-                "only works with pgbouncer >= 1.21 and max_prepared_statements > 0 (and "
-                "psycopg >= 3.2).",
-                hint="Remove prepare_threshold (Django then disables prepared statements), "
-                "or configure pgbouncer's max_prepared_statements.",
-                id=_ID.format("W005"),
-            )
+    return [
+        checks.Warning(
+            _COMBINATIONS[code][0].format(where=where),
+            hint=_COMBINATIONS[code][1],
+            id=_ID.format(code),
         )
-    if options.get("RESET_QUERY"):
-        messages.append(
-            checks.Warning(
-                f"{where} has OPTIONS['RESET_QUERY'] with TRANSACTION_POOLING: it costs a round "
-                "trip per return and resets whichever server connection the proxy picks, not "
-                "the next user's.",
-                hint="Remove RESET_QUERY and keep session state out of the application (SET "
-                "LOCAL inside a transaction instead of SET).",
-                id=_ID.format("W006"),
-            )
-        )
-    return messages
+        for code, applies in found
+        if applies
+    ]
 
 
 def expected_processes() -> int:
