@@ -38,7 +38,10 @@ Semantics, which the rest of the package relies on:
 
 The pool knows nothing of Django or of a database driver: the driver-specific
 operations come from a `DriverOps` object and connections are opened by the
-``opener`` callable given to the pool (or to `ConnectionPool.checkout`).
+``opener`` callable given to the pool (or to `ConnectionPool.checkout`). An opener
+that gives up without a driver error raises `ConnectUnavailable` (checkouts keep
+waiting); ``on_close`` hears of every connection the pool closes. Fork handling is
+`forking`'s.
 """
 
 from __future__ import annotations
@@ -457,7 +460,7 @@ class ConnectionPool:
         self._reconnect_pending = False
         # True while the server grants fewer connections than max_size (logged once).
         self._capped = False
-        # Extra live measures merged into get_stats() (per-peer state, see peerset.py).
+        # Extra live measures merged into get_stats() (see add_stats_source).
         self._stats_sources: list[Callable[[], dict[str, int]]] = []
         # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
         self.timings = PoolTimings()
