@@ -122,8 +122,4 @@ def worker_exit(server, worker):
     registry = sys.modules.get("django_db_geventpool.registry")
     if registry is None:
         return  # the app never used the pool in this worker
-    for pool in list(registry.pools.values()):
-        try:
-            pool.close()
-        except Exception:  # exiting anyway; say what failed
-            server.log.exception("closing pool %r at worker exit failed", pool.name)
+    registry.close_all()  # logs (and goes past) a pool that fails to close

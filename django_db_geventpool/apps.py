@@ -1,7 +1,7 @@
 """Optional app entry: ``INSTALLED_APPS += ["django_db_geventpool"]``.
 
-Not needed when the default alias uses a django_db_geventpool ENGINE (the backend
-registers the system checks when Django imports it). Add it if only other aliases
+Not needed when the default alias uses a django_db_geventpool ENGINE (the ENGINE
+module registers the system checks when Django imports it). Add it if only other aliases
 are pooled, so that ``manage.py check`` still runs the pool's checks.
 """
 
@@ -13,4 +13,6 @@ class GeventPoolConfig(AppConfig):
     verbose_name = "django-db-geventpool"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - registers the system checks
+        from .checks import register
+
+        register()

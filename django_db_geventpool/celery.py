@@ -22,7 +22,7 @@ before ``DJANGO_SETTINGS_MODULE`` was set, or with a custom loader);
 
 ``SynchronousOnlyOperation`` under ``--pool gevent`` is not caused by the pool: it
 happens when some greenlet runs an asyncio event loop (see
-`django_db_geventpool.nativethread`).
+`django_db_geventpool.utils.run_in_native_thread`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Django system checks (``manage.py check``) for the mistakes users of the pool make.
 
-Registered when a django_db_geventpool backend is imported, which Django does during
-``django.setup()`` as soon as one model exists (it asks the default connection for
-its name length limits). A project whose default alias uses another ENGINE can add
-``"django_db_geventpool"`` to ``INSTALLED_APPS`` to get them as well.
+Registered by `register`, which the ENGINE modules call when Django imports them (it
+does so during ``django.setup()`` as soon as one model exists: it asks the default
+connection for its name length limits), and which the app config calls too
+(``"django_db_geventpool"`` in ``INSTALLED_APPS``, for a project whose default alias
+uses another ENGINE). Registering twice is harmless. This module imports the backends,
+never the reverse: the module graph goes one way (ENGINE module -> checks -> glue).
 
 ===============================  ======================================================
 ``django_db_geventpool.E001``    a pool option has a wrong name, type or range
@@ -15,6 +17,10 @@ its name length limits). A project whose default alias uses another ENGINE can a
 ``django_db_geventpool.W002``    ``MAX_CONNS`` x processes is above the server's ``max_connections``
 ``django_db_geventpool.W003``    ``POOL_MODE="transaction"`` with ``ATOMIC_REQUESTS`` (no release)
 ``django_db_geventpool.W004``    ``POOL_MODE="transaction"`` with ``RESET_QUERY`` (one per use)
+``django_db_geventpool.W005``    ``TRANSACTION_POOLING`` with ``OPTIONS["prepare_threshold"]``
+                                 (works only with pgbouncer >= 1.21 and prepared statements on)
+``django_db_geventpool.W006``    ``TRANSACTION_POOLING`` with ``RESET_QUERY`` (resets whichever
+                                 server connection the proxy picks)
 ===============================  ======================================================
 
 W002 needs the server: it runs when checks are given databases (``check --database
@@ -36,7 +42,17 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
-__all__ = ["TAG", "check_pool_settings", "check_connection_budget", "expected_processes"]
+from .backends.base import pooled_aliases
+from .backends.drivers import Psycopg3Ops
+from .backends.options import parse_pool_settings
+
+__all__ = [
+    "TAG",
+    "check_pool_settings",
+    "check_connection_budget",
+    "expected_processes",
+    "register",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +76,17 @@ def _psycogreen_installed() -> bool:
     return importlib.util.find_spec("psycogreen") is not None
 
 
-@checks.register(TAG)
+def register() -> None:
+    """Register the system checks with Django (idempotent)."""
+    checks.register(check_pool_settings, TAG)
+    checks.register(check_connection_budget, checks.Tags.database, TAG)
+
+
 def check_pool_settings(
     app_configs: Iterable[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """Options, driver patching and ``CONN_MAX_AGE`` of every pooled alias (no I/O)."""
     from django.db import connections
-
-    from .backends.base import pooled_aliases
-    from .backends.drivers import Psycopg3Ops
-    from .backends.options import parse_pool_settings
 
     messages: list[checks.CheckMessage] = []
     aliases = pooled_aliases()
@@ -102,7 +119,7 @@ def check_pool_settings(
                     id=_ID.format("W001"),
                 )
             )
-        messages.extend(_pool_mode_warnings(alias, settings_dict))
+        messages.extend(_combination_warnings(alias, settings_dict))
     if not aliases:
         return messages
     if _uses_psycopg3():
@@ -131,37 +148,64 @@ def check_pool_settings(
     return messages
 
 
-def _pool_mode_warnings(alias: str, settings_dict: dict[str, Any]) -> list[checks.CheckMessage]:
-    """Settings that defeat ``POOL_MODE = "transaction"`` (the mode still works with them)."""
+# Settings that defeat a mode the alias declares (the mode still works with them):
+# id -> (message, hint); the message is formatted with ``where`` (the alias's entry).
+_COMBINATIONS: dict[str, tuple[str, str]] = {
+    "W003": (
+        "{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in one "
+        "transaction, so each request holds its connection from its first query to its end, as "
+        "in session mode, including while it waits on anything else.",
+        "Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
+        "transaction.atomic(), or use POOL_MODE='session'.",
+    ),
+    "W004": (
+        "{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs every "
+        "time the connection is given back, that is after every statement outside a "
+        "transaction (one more round trip each), and with DISCARD ALL the session set-up (time "
+        "zone, role) is redone at every checkout.",
+        "Remove RESET_QUERY and keep session state out of the application: SET LOCAL inside "
+        "transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
+    ),
+    "W005": (
+        "{where} has OPTIONS['prepare_threshold'] with TRANSACTION_POOLING: named statements are "
+        "prepared on one server connection and run on another; this only works with pgbouncer "
+        ">= 1.21 and max_prepared_statements > 0 (and psycopg >= 3.2).",
+        "Remove prepare_threshold (Django then disables prepared statements), or configure "
+        "pgbouncer's max_prepared_statements.",
+    ),
+    "W006": (
+        "{where} has OPTIONS['RESET_QUERY'] with TRANSACTION_POOLING: it costs a round trip per "
+        "return and resets whichever server connection the proxy picks, not the next user's.",
+        "Remove RESET_QUERY and keep session state out of the application (SET LOCAL inside a "
+        "transaction instead of SET).",
+    ),
+}
+
+
+def _combination_warnings(alias: str, settings_dict: dict[str, Any]) -> list[checks.CheckMessage]:
+    """Settings that defeat ``POOL_MODE = "transaction"`` or a declared transaction pooler.
+
+    (The settings that cannot work behind a pooler are refused by the option parsing, E001.)
+    """
     options = settings_dict.get("OPTIONS") or {}
-    if options.get("POOL_MODE") != "transaction":
-        return []
+    transaction_mode = options.get("POOL_MODE") == "transaction"
+    pooler = options.get("TRANSACTION_POOLING") is True
+    found = (
+        ("W003", transaction_mode and settings_dict.get("ATOMIC_REQUESTS")),
+        ("W004", transaction_mode and options.get("RESET_QUERY")),
+        ("W005", pooler and options.get("prepare_threshold") is not None),
+        ("W006", pooler and options.get("RESET_QUERY")),
+    )
     where = f"DATABASES[{alias!r}]"
-    messages: list[checks.CheckMessage] = []
-    if settings_dict.get("ATOMIC_REQUESTS"):
-        messages.append(
-            checks.Warning(
-                f"{where} has POOL_MODE='transaction' and ATOMIC_REQUESTS=True: every view runs in "
-                "one transaction, so each request holds its connection from its first query to its "
-                "end, as in session mode, including while it waits on anything else.",
-                hint="Drop ATOMIC_REQUESTS and wrap only the writes that belong together in "
-                "transaction.atomic(), or use POOL_MODE='session'.",
-                id=_ID.format("W003"),
-            )
+    return [
+        checks.Warning(
+            _COMBINATIONS[code][0].format(where=where),
+            hint=_COMBINATIONS[code][1],
+            id=_ID.format(code),
         )
-    if options.get("RESET_QUERY"):
-        messages.append(
-            checks.Warning(
-                f"{where} has POOL_MODE='transaction' and OPTIONS['RESET_QUERY']: the reset runs "
-                "every time the connection is given back, that is after every statement outside "
-                "a transaction (one more round trip each), and with DISCARD ALL the session set-up "
-                "(time zone, role) is redone at every checkout.",
-                hint="Remove RESET_QUERY and keep session state out of the application: SET LOCAL "
-                "inside transaction.atomic(), settings in OPTIONS, pg_advisory_xact_lock().",
-                id=_ID.format("W004"),
-            )
-        )
-    return messages
+        for code, applies in found
+        if applies
+    ]
 
 
 def expected_processes() -> int:
@@ -193,15 +237,11 @@ def _server_limit(alias: str) -> int:
         wrapper.close()
 
 
-@checks.register(checks.Tags.database, TAG)
 def check_connection_budget(
     app_configs: Iterable[Any] | None = None, databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """``MAX_CONNS`` x processes, summed per server, against the server's ``max_connections``."""
     from django.db import connections
-
-    from .backends.base import pooled_aliases
-    from .backends.options import parse_pool_settings
 
     if not databases:
         return []

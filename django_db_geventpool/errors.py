@@ -7,7 +7,14 @@ Django module, only this file does.
 
 from typing import TYPE_CHECKING
 
-__all__ = ["PoolError", "PoolTimeout", "PoolClosed", "AllPeersDown", "ConnectTimeout"]
+__all__ = [
+    "PoolError",
+    "PoolTimeout",
+    "PoolClosed",
+    "ConnectUnavailable",
+    "AllPeersDown",
+    "ConnectTimeout",
+]
 
 if TYPE_CHECKING:
     from django.db.utils import OperationalError as _OperationalError
@@ -32,14 +39,19 @@ class PoolClosed(PoolError):
     """Checkout attempted from a pool that was closed."""
 
 
-class AllPeersDown(PoolError):
-    """Every peer of the pool is down and none is due for a retry (see PEERS).
+class ConnectUnavailable(PoolError):
+    """An opener gave up on opening a connection; the pool treats it as a connect error.
 
-    ``attempted`` is false when it was raised before any server was tried (every
-    peer was already down): the pool then counts no connect attempt.
+    ``attempted`` is false when no server was tried at all: the pool then counts no
+    connect attempt (``connections_num``). Checkouts keep waiting, as for any
+    connect error.
     """
 
     attempted: bool = True
+
+
+class AllPeersDown(ConnectUnavailable):
+    """Every peer of the pool is down and none is due for a retry (see PEERS)."""
 
 
 class ConnectTimeout(PoolError, TimeoutError):

@@ -31,19 +31,21 @@ Semantics, which the rest of the package relies on:
 * **Nothing lost.** A connection held by a greenlet that ends without returning it
   is returned when the greenlet ends (gevent ``Greenlet``) or when its owner object
   is garbage collected. After ``fork()`` the child forgets every connection of its
-  parent without touching the parent's sockets.
+  parent without touching the parent's sockets (see `forking`).
 * **Warm and alive.** ``min_size`` connections are opened in the background (with
   jitter) and kept through ``max_idle``; ``keepalive_interval`` gives idle
   connections a round trip at that interval.
 
 The pool knows nothing of Django or of a database driver: the driver-specific
 operations come from a `DriverOps` object and connections are opened by the
-``opener`` callable given to the pool (or to `ConnectionPool.checkout`).
+``opener`` callable given to the pool (or to `ConnectionPool.checkout`). An opener
+that gives up without a driver error raises `ConnectUnavailable` (checkouts keep
+waiting); ``on_close`` hears of every connection the pool closes. Fork handling is
+`forking`'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -61,7 +63,8 @@ from gevent import getcurrent
 from gevent.hub import Waiter as HubWaiter
 from gevent.monkey import get_original
 
-from .errors import AllPeersDown, ConnectTimeout, PoolClosed, PoolError, PoolTimeout
+from . import forking
+from .errors import ConnectTimeout, ConnectUnavailable, PoolClosed, PoolError, PoolTimeout
 from .histogram import PoolTimings
 
 __all__ = [
@@ -208,6 +211,20 @@ class PooledConnection:
         """
         return bool(self._poller.poll(0))
 
+    def expired(self, now: float, max_idle: float | None) -> bool:
+        """True past its lifetime, or idle for ``max_idle`` seconds (None: idleness not counted).
+
+        The one expiry rule: checkout, return, the sweeper and `ConnectionPool.drain`
+        all ask here (each decides whether idleness counts, for MIN_CONNS).
+        """
+        if self.expires_at is not None and now >= self.expires_at:
+            return True
+        return max_idle is not None and now - self.last_used >= max_idle
+
+    def expire_now(self) -> None:
+        """Make the connection expired: the next `expired` says so (`ConnectionPool.drain`)."""
+        self.expires_at = monotonic()
+
 
 class Lease:
     """One checkout of a `PooledConnection`; give it back with `ConnectionPool.checkin`.
@@ -243,6 +260,21 @@ class Lease:
         """True while this lease still owns its connection."""
         return self.conn.lease is self
 
+    def unwatch(self) -> None:
+        """Stop watching the holder (greenlet end, owner collected) and stop the leak timer.
+
+        Called once the lease ends: given back, or forgotten after fork.
+        """
+        if self.greenlet is not None:
+            self.greenlet.unlink(self._on_holder_exit)
+            self.greenlet = None
+        if self.finalizer is not None:
+            self.finalizer.detach()
+            self.finalizer = None
+        if self.leak_timer is not None:
+            self.leak_timer.close()
+            self.leak_timer = None
+
     def _on_holder_exit(self, greenlet: gevent.Greenlet) -> None:
         # Runs in the hub when the holding greenlet ends: I/O (a rollback) must
         # happen in a greenlet of its own.
@@ -251,33 +283,69 @@ class Lease:
 
 
 class _Waiter:
-    """A checkout queued for a connection; served by `ConnectionPool._hand_over`.
+    """A checkout queued for a connection: it waits, and is served or failed once.
 
-    ``wakeup`` is gevent's low-level hub ``Waiter`` rather than an ``Event``: a
+    ``_wakeup`` is gevent's low-level hub ``Waiter`` rather than an ``Event``: a
     queued checkout is woken exactly once, from the hub, so it needs no list of
     links, and a waiting checkout costs about a third less CPU (measured with bench/).
     ``opener`` and ``target`` are the checkout's own (used by a connector started
     while it is the oldest waiter), or None for the pool's.
+
+    The outcome is decided by `serve`, `fail` or `cancel`, whichever comes first
+    (each says whether it decided): a waiter that gave up is never handed a
+    connection, and one that was handed a connection never loses it.
     """
 
-    __slots__ = ("wakeup", "served", "cancelled", "conn", "opener", "target")
+    __slots__ = ("_wakeup", "served", "cancelled", "conn", "error", "opener", "target")
 
     def __init__(self, opener: Callable[[bool], Any] | None, target: Any) -> None:
-        self.wakeup = HubWaiter()
+        self._wakeup = HubWaiter()
         self.served = False
         self.cancelled = False
-        self.conn: PooledConnection | _Failure | object | None = None
+        #: What it was served: a connection (with its slot), or an error to raise.
+        self.conn: PooledConnection | None = None
+        self.error: BaseException | None = None
         self.opener = opener
         self.target = target
 
+    def wait(self, timeout: float) -> None:
+        """Sleep until served or failed, or for ``timeout`` seconds; a kill propagates.
 
-class _Failure:
-    """Handed to the oldest waiter when a connect failed for a reason not the server's."""
+        Waking up decides nothing: the caller then tries `cancel`.
+        """
+        wakeup = self._wakeup
+        timer = wakeup.hub.loop.timer(max(timeout, 0.0))
+        timer.start(wakeup.switch, None)
+        try:
+            wakeup.get()
+        finally:
+            timer.close()
 
-    __slots__ = ("error",)
+    def serve(self, conn: PooledConnection) -> bool:
+        """Hand ``conn`` (and its slot) over; False if the waiter already gave up."""
+        return self._settle(conn, None)
 
-    def __init__(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> bool:
+        """Make the waiting checkout raise ``error``; False if it already gave up."""
+        return self._settle(None, error)
+
+    def cancel(self) -> bool:
+        """Give up waiting (timed out, killed); False if it was served or failed first."""
+        if self.served:
+            return False
+        self.cancelled = True
+        return True
+
+    def _settle(self, conn: PooledConnection | None, error: BaseException | None) -> bool:
+        if self.cancelled or self.served:
+            return False
+        self.served = True
+        self.conn = conn
         self.error = error
+        # Wake it from the hub, never switching away inside the caller's critical section.
+        wakeup = self._wakeup
+        wakeup.hub.loop.run_callback(wakeup.switch, None)
+        return True
 
 
 class _RoundTripTimeout(BaseException):
@@ -287,9 +355,6 @@ class _RoundTripTimeout(BaseException):
 # Frames of the checkout stack kept for a leak report (innermost first): the
 # ORM alone takes about 15 under the application's code.
 _LEAK_STACK_DEPTH = 64
-
-# Handed to waiters when the pool closes under them.
-_POOL_CLOSED = object()
 
 # Health verdicts at checkout.
 _HEALTHY, _EXPIRED, _LOST = 0, 1, 2
@@ -334,6 +399,7 @@ class ConnectionPool:
         min_size: int = 0,
         keepalive_interval: float | None = None,
         writable_required: bool = False,
+        on_close: Callable[[Any], None] | None = None,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
@@ -358,6 +424,8 @@ class ConnectionPool:
         self.min_size = min(min_size, max_size)
         self.keepalive_interval = keepalive_interval
         self.writable_required = writable_required
+        #: Called with each driver connection the pool has closed (after the close).
+        self.on_close = on_close
         #: Called with the driver connection when its server reports read-only.
         self.read_only_listeners: list[Callable[[Any], None]] = []
 
@@ -367,7 +435,7 @@ class ConnectionPool:
         # Idle connections, most recently used last (LIFO reuse keeps few hot).
         self._idle: deque[PooledConnection] = deque()
         # Queued checkouts, oldest first; cancelled ones are skipped lazily.
-        # Waiters are only ever served a connection (or _POOL_CLOSED / a _Failure).
+        # Waiters are served a connection, or failed with an error (see _Waiter).
         self._waiters: deque[_Waiter] = deque()
         self._waiting = 0
         self._in_use: set[Lease] = set()
@@ -392,12 +460,12 @@ class ConnectionPool:
         self._reconnect_pending = False
         # True while the server grants fewer connections than max_size (logged once).
         self._capped = False
-        # Extra live measures merged into get_stats() (per-peer state, see peers.py).
+        # Extra live measures merged into get_stats() (see add_stats_source).
         self._stats_sources: list[Callable[[], dict[str, int]]] = []
         # Wait, use and connect times (histogram.py); their p50/p99 join get_stats().
         self.timings = PoolTimings()
         self._stats_sources.append(self.timings.stats)
-        _live_pools.add(self)
+        forking.track_pool(self)
         logger.info(
             "pool %r created: max_size=%d reuse_size=%d min_size=%d timeout=%.1fs",
             name,
@@ -501,34 +569,26 @@ class ConnectionPool:
         self._waiting += 1
         self._stats[REQUESTS_QUEUED] += 1
         self._grow()
-        # Woken by _hand_over or by this timer, whichever comes first; `served`
-        # (set in _hand_over's critical section) is what decides, not the wake-up.
-        timer = waiter.wakeup.hub.loop.timer(max(deadline - monotonic(), 0.0))
-        timer.start(waiter.wakeup.switch, None)
         try:
-            waiter.wakeup.get()
+            waiter.wait(deadline - monotonic())
         except BaseException:
             # Killed or interrupted while queued: never lose what was handed over.
             self._abandon(waiter)
             raise
-        finally:
-            timer.close()
         waited_ms = int((monotonic() - started) * 1000)
         self._stats[REQUESTS_WAIT_MS] += waited_ms
-        if not waiter.served:
+        if waiter.cancel():
             # Critical section: nobody served us in time, and now nobody will.
-            waiter.cancelled = True
             self._waiting -= 1
             self._stats[REQUESTS_ERRORS] += 1
             self._stats[REQUESTS_TIMEOUTS] += 1
             raise self._timeout_error(waited_ms, started)
-        conn = waiter.conn
-        if conn is _POOL_CLOSED:
-            raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-        if isinstance(conn, _Failure):
-            self._stats[REQUESTS_ERRORS] += 1
-            raise conn.error
-        return conn  # type: ignore[return-value]
+        if waiter.error is not None:
+            if not isinstance(waiter.error, PoolClosed):
+                self._stats[REQUESTS_ERRORS] += 1
+            raise waiter.error
+        assert waiter.conn is not None
+        return waiter.conn
 
     def _timeout_error(self, waited_ms: int, started: float) -> PoolTimeout:
         message = (
@@ -553,23 +613,17 @@ class ConnectionPool:
         return error
 
     def _abandon(self, waiter: _Waiter) -> None:
-        if waiter.served:
-            conn = waiter.conn
-            if conn is _POOL_CLOSED or isinstance(conn, _Failure):
-                return
-            # We own a slot and a connection: pass them on untouched.
-            self._give_back_idle(conn)  # type: ignore[arg-type]
-        else:
-            waiter.cancelled = True
+        if waiter.cancel():
             self._waiting -= 1
+        elif waiter.conn is not None:
+            # We own a slot and a connection: pass them on untouched.
+            self._give_back_idle(waiter.conn)
 
     def _check(self, conn: PooledConnection, deadline: float | None = None) -> int:
         now = monotonic()
-        if (conn.expires_at is not None and now >= conn.expires_at) or (
-            self.max_idle is not None
-            and now - conn.last_used >= self.max_idle
-            and self._total_size() > self.min_size
-        ):
+        # Idle past MAX_IDLE still serves while the pool holds no more than MIN_CONNS.
+        max_idle = self.max_idle if self._total_size() > self.min_size else None
+        if conn.expired(now, max_idle):
             self._stats[CONNECTIONS_EXPIRED] += 1
             logger.debug("pool %r: closing expired connection %r", self.name, conn.raw)
             return _EXPIRED
@@ -726,7 +780,7 @@ class ConnectionPool:
             # Not the server's doing (a failing hook, a bad setting): the oldest
             # waiter gets it rather than a PoolTimeout much later.
             logger.warning("pool %r: opening a connection failed: %s", self.name, error_text)
-            self._hand_over(_Failure(exc))
+            self._hand_over(exc)
             return
         if self._slots_used - self._connecting + len(self._idle) > 0:
             self._note_capped()
@@ -767,7 +821,7 @@ class ConnectionPool:
         self._capped = False
 
     def _degrading_errors(self) -> tuple[type[BaseException], ...]:
-        return (*self.driver.connect_errors, ConnectTimeout, AllPeersDown)
+        return (*self.driver.connect_errors, ConnectTimeout, ConnectUnavailable)
 
     def _open(
         self, open_connection: Callable[[bool], Any], reconnect: bool, target: Any
@@ -792,8 +846,8 @@ class ConnectionPool:
                 with gevent.Timeout(self.connect_timeout, expired):
                     raw = open_connection(reconnect or attempt > 0)
             except self._degrading_errors() as exc:
-                if isinstance(exc, AllPeersDown) and not exc.attempted:
-                    # Refused before any server was tried (every peer down): no attempt.
+                if isinstance(exc, ConnectUnavailable) and not exc.attempted:
+                    # The opener gave up before trying any server: no attempt.
                     stats[CONNECTIONS_NUM] -= 1
                     raise
                 stats[CONNECTIONS_ERRORS] += 1
@@ -827,7 +881,7 @@ class ConnectionPool:
                     raw, self.driver.fileno(raw), now, self.max_lifetime, target
                 )
             except BaseException:
-                self.driver.close(raw)
+                self._close_raw(raw)
                 raise
             logger.debug("pool %r: opened connection %r", self.name, raw)
             self._ensure_sweeper()
@@ -892,13 +946,7 @@ class ConnectionPool:
         conn.lease = None
         self._in_use.discard(lease)
         self.timings.use_time.record(monotonic() - lease.checked_out_at)
-        if lease.greenlet is not None:
-            lease.greenlet.unlink(lease._on_holder_exit)
-            lease.greenlet = None
-        if lease.finalizer is not None:
-            lease.finalizer.detach()
-        if lease.leak_timer is not None:
-            lease.leak_timer.close()
+        lease.unwatch()
         logger.debug("pool %r: returned %r", self.name, conn.raw)
         return conn
 
@@ -948,7 +996,7 @@ class ConnectionPool:
         if self._total_size() > self.max_size:
             self._close_and_release(conn)
             return
-        if not self._closed and (conn.expires_at is None or now < conn.expires_at):
+        if not self._closed and not conn.expired(now, None):
             if self._hand_over(conn):
                 return
             if len(self._idle) < self.reuse_size:
@@ -971,20 +1019,22 @@ class ConnectionPool:
         self._slots_used -= 1
         self._grow()
 
-    def _hand_over(self, conn: PooledConnection | _Failure | object) -> bool:
-        # Critical section: serve the oldest waiter that has not given up.
+    def _hand_over(self, outcome: PooledConnection | BaseException) -> bool:
+        """Serve the oldest waiter that has not given up (a connection, or an error to raise).
+
+        False if no waiter took it.
+        """
+        # Critical section: no yield until a waiter has taken it.
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
-            if waiter.cancelled:
-                continue
-            waiter.served = True
-            waiter.conn = conn
-            self._waiting -= 1
-            # Wake it from the hub, never switching away inside this section.
-            wakeup = waiter.wakeup
-            wakeup.hub.loop.run_callback(wakeup.switch, None)
-            return True
+            if isinstance(outcome, BaseException):
+                accepted = waiter.fail(outcome)
+            else:
+                accepted = waiter.serve(outcome)
+            if accepted:
+                self._waiting -= 1
+                return True
         return False
 
     def _reclaim(self, lease: Lease, why: str) -> None:
@@ -1046,10 +1096,7 @@ class ConnectionPool:
         spare = self._total_size() - self.min_size
         expired = []
         for c in self._idle:
-            if c.expires_at is not None and now >= c.expires_at:
-                expired.append(c)
-                spare -= 1
-            elif self.max_idle is not None and now - c.last_used >= self.max_idle and spare > 0:
+            if c.expired(now, self.max_idle if spare > 0 else None):
                 expired.append(c)
                 spare -= 1
         for conn in expired:
@@ -1113,9 +1160,17 @@ class ConnectionPool:
 
     def _close_quietly(self, conn: PooledConnection) -> None:
         try:
-            self.driver.close(conn.raw)
+            self._close_raw(conn.raw)
         except Exception as exc:
             logger.debug("pool %r: error closing connection: %s", self.name, exc)
+
+    def _close_raw(self, raw: Any) -> None:
+        """Close a driver connection the pool owns; ``on_close`` hears of it whatever happens."""
+        try:
+            self.driver.close(raw)
+        finally:
+            if self.on_close is not None:
+                self.on_close(raw)
 
     def close(self) -> None:
         """Close idle connections and refuse new checkouts.
@@ -1128,7 +1183,9 @@ class ConnectionPool:
         self._closed = True
         idle = list(self._idle)
         self._idle.clear()
-        while self._hand_over(_POOL_CLOSED):
+        while self._hand_over(
+            PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+        ):
             pass
         for conn in idle:
             self._close_quietly(conn)
@@ -1157,13 +1214,12 @@ class ConnectionPool:
         to a queued checkout, at this moment is kept.
         Returns how many idle connections were closed.
         """
-        now = monotonic()
         # Critical section: empty the idle set; mark connections in use as expired,
         # so that checkin closes them instead of keeping or handing them over.
         idle = list(self._idle)
         self._idle.clear()
         for lease in self._in_use:
-            lease.conn.expires_at = now
+            lease.conn.expire_now()
         in_use = len(self._in_use)
         for conn in idle:
             self._stats[CONNECTIONS_EXPIRED] += 1
@@ -1228,37 +1284,24 @@ class ConnectionPool:
         """Merge ``source()`` (more measures, by name) into every `get_stats` result."""
         self._stats_sources.append(source)
 
-    def _forget_after_fork(self) -> None:
+    def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without touching them.
 
-        The sockets are shared with the parent, so the child must neither send on
-        them nor close them politely (a Terminate message would end the parent's
-        session). Each descriptor is pointed at /dev/null, and the driver objects
-        are kept alive, never closed: closing one (or letting it be freed) takes
-        the driver's connection lock, which a greenlet of the parent may have held
-        at fork time, and the child would hang before it could ``exec`` (psycopg2,
-        any ``subprocess`` call made while queries run).
+        Called by `forking` (the package's one fork hook); the inherited driver
+        objects go to `forking.keep_inherited_alive`, which says why they are
+        never closed.
         """
         inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
         for lease in self._in_use:
             lease.conn.lease = None
-            lease.greenlet = None
-            if lease.finalizer is not None:
-                lease.finalizer.detach()
-        if inherited:
-            devnull = os.open(os.devnull, os.O_RDWR)
+            lease.unwatch()
+        for conn in inherited:
             try:
-                for conn in inherited:
-                    try:
-                        os.dup2(devnull, self.driver.fileno(conn.raw))
-                    except Exception:
-                        pass
-                    _inherited_after_fork.append(conn.raw)
-                    # One reference that is never dropped, so not even the
-                    # interpreter's shutdown frees (and thereby closes) it.
-                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn.raw))
-            finally:
-                os.close(devnull)
+                fileno: int | None = self.driver.fileno(conn.raw)
+            except Exception as exc:  # a driver object the parent had closed
+                logger.debug("pool %r: no descriptor after fork: %s", self.name, exc)
+                fileno = None
+            forking.keep_inherited_alive(conn.raw, fileno)
         self._idle.clear()
         self._in_use.clear()
         self._waiters.clear()
@@ -1286,20 +1329,3 @@ def _reclaim_collected(lease_ref: weakref.ref[Lease]) -> None:
     lease = lease_ref()
     if lease is not None and lease.active:
         gevent.spawn(lease.pool._reclaim, lease, "owner garbage collected")
-
-
-# Driver connections a forked child inherited, their sockets now /dev/null: kept
-# referenced for the child's lifetime so that they are never closed or freed
-# (see ConnectionPool._forget_after_fork): a few objects and /dev/null descriptors.
-_inherited_after_fork: list[Any] = []
-
-# Every pool of the process, so a fork can make the child forget them all.
-_live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_live_pools):
-        pool._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -79,7 +79,7 @@ _TIMEOUTS_HELP = "Checkouts that timed out waiting for a connection from the poo
 
 
 def _open_pools() -> list[ConnectionPool]:
-    return [pool for pool in list(registry.pools.values()) if not pool.closed]
+    return registry.open_pools()
 
 
 class PoolCollector(Collector):

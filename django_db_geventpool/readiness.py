@@ -79,7 +79,7 @@ def _checkout(alias: str, timeout: float) -> str | None:
     from django.db import connections
     from django.db.utils import Error as DatabaseError
 
-    pool = registry.pools.get(alias)
+    pool = registry.pool_of(alias)
     if pool is not None and pool.closed:
         return "pool closed"
     # This greenlet's own wrapper (Django keeps one per greenlet): the checkout
@@ -89,7 +89,7 @@ def _checkout(alias: str, timeout: float) -> str | None:
         with gevent.Timeout(timeout, _Deadline):
             wrapper.ensure_connection()
     except _Deadline:
-        pool = registry.pools.get(alias)
+        pool = registry.pool_of(alias)
         if pool is not None and pool.get_stats()["pool_size"] >= pool.max_size:
             return f"pool exhausted: no connection free within {timeout:.1f}s"
         return f"database unavailable: no connection within {timeout:.1f}s"

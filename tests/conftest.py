@@ -87,8 +87,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _cluster is not None:
         from django_db_geventpool import registry
 
-        for pool in list(registry.pools.values()):
-            pool.close()
+        registry.close_all()
         _cluster.destroy()
 
 
@@ -135,9 +134,7 @@ def fresh_pool(cluster):
     try:
         connections["default"].close()
     finally:
-        for pool in list(registry.pools.values()):
-            pool.close()
-        registry.pools.clear()
+        registry.close_all()
         settings_dict.clear()
         settings_dict.update(saved)
 

@@ -87,6 +87,22 @@ def test_settings_that_defeat_transaction_mode_are_warnings(setting, expected):
     assert _ids() == [expected]
 
 
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ({"prepare_threshold": 5}, "django_db_geventpool.W005"),
+        ({"RESET_QUERY": "DISCARD ALL"}, "django_db_geventpool.W006"),
+    ],
+)
+def test_settings_that_may_not_work_behind_transaction_pooling_are_warnings(option, expected):
+    settings_dict = connections.settings["default"]
+    settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = True
+    settings_dict["OPTIONS"].update(option)
+    assert _ids() == []  # no proxy declared: nothing to say
+    settings_dict["OPTIONS"]["TRANSACTION_POOLING"] = True
+    assert _ids() == [expected]
+
+
 # Each environment has one driver: only its own import-order check is collected.
 _PSYCOPG3 = pool_checks._uses_psycopg3()
 

@@ -181,5 +181,5 @@ def test_not_ready_while_the_server_is_down(configure_pool, cluster):
 def test_not_ready_when_the_pool_is_closed(configure_pool):
     configure_pool()
     request_pid()
-    registry.pools["default"].close()
+    registry.aliases["default"].pool.close()
     assert _ready() == (503, {"ready": False, "databases": {"default": "pool closed"}})

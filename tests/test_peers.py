@@ -27,7 +27,7 @@ from django.core.management import call_command
 from django.db import DatabaseError, OperationalError, connections
 
 from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry, signals
-from django_db_geventpool.peers import PeerSet
+from django_db_geventpool.peerset import PeerSet
 from tests.support.eventually import wait_until
 from tests.support.pgserver import PostgresCluster, free_port
 from tests.testapp.models import Item
@@ -195,7 +195,7 @@ def peer_stats(alias: str = PEERED) -> dict[str, int]:
 
 def down_since(peer: str) -> float:
     """When the pool marked ``peer`` down (monotonic), from its peer set."""
-    peer_set: PeerSet = registry.pools[PEERED].peer_set  # type: ignore[attr-defined]
+    peer_set: PeerSet = registry.aliases[PEERED].peer_set
     (found,) = [p for p in peer_set.peers if p.name == peer]
     assert found.down_since is not None
     return found.down_since
@@ -427,7 +427,7 @@ def test_peers_and_check_interval_inside_options(clusters, peered):
     assert stats["peer.peer_refusing.connects_failed"] == 1
     assert stats["peer.peered.connections"] + stats["peer.peer_b.connections"] == 3
     # Skipped for OPTIONS["CHECK_INTERVAL"], not the default 30 s.
-    peer_set: PeerSet = registry.pools[PEERED].peer_set  # type: ignore[attr-defined]
+    peer_set: PeerSet = registry.aliases[PEERED].peer_set
     (refusing,) = [p for p in peer_set.peers if p.name == "peer_refusing"]
     assert refusing.retry_at - refusing.down_since == pytest.approx(7.5)
 

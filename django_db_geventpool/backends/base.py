@@ -18,26 +18,24 @@ sends ``connection_created``; ``close()`` still handles atomic blocks and
 
 With ``PEERS`` the alias still has one pool; each new server connection goes to
 a peer chosen by the pool's `PeerSet` and is opened with that peer's
-``DATABASES`` entry (see ``peering.py`` and ``peers.py``).
+``DATABASES`` entry (see ``peers_glue.py`` and ``peerset.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
-from .. import checks as _checks  # noqa: F401 - registers the system checks
-from .. import otel, registry, signals
+from .. import forking, otel, registry, signals
 from ..pool import ConnectionPool, Lease
 from ..statslog import start_stats_logger
 from .drivers import driver_ops
 from .options import POOL_OPTION_NAMES, PoolSettings, parse_pool_settings
-from .peering import build_peer_set, peer_connection_params, peer_settings
+from .peers_glue import build_peer_set, peer_connection_params, peer_settings
 from .pool_mode import PoolModeSwitch
 
 __all__ = ["PooledDatabaseWrapperMixin", "connection_target", "pooled_aliases"]
@@ -75,25 +73,30 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
     @property
     def geventpool(self) -> ConnectionPool | None:
         """This alias's pool, created on first use (no I/O); None for the no-db alias."""
+        record = self._geventpool_record()
+        return None if record is None else record.pool
+
+    def _geventpool_record(self) -> registry.AliasPool | None:
+        """This alias's record (pool, settings, peers), created on first use; None for no-db."""
         if self.alias == NO_DB_ALIAS:
             return None
-        pool = registry.pools.get(self.alias)
-        if pool is None or pool.closed:
-            pool = self._create_geventpool()
-        return pool
+        record = registry.aliases.get(self.alias)
+        if record is None or record.pool.closed:
+            record = self._create_geventpool()
+        return record
 
-    def _create_geventpool(self) -> ConnectionPool:
+    def _create_geventpool(self) -> registry.AliasPool:
         settings: PoolSettings = parse_pool_settings(self.alias, self.settings_dict)
         ops = driver_ops()
         ops.ensure_cooperative(self.alias)
         # With PEERS: one pool over all peers; the peer set counts each peer's
-        # connections (closed through the pool's driver ops) and adds its stats.
+        # connections (the pool tells it of each close) and adds its stats.
         peer_set = build_peer_set(self.alias, settings, ops.connect_errors)
-        pool_ops = ops if peer_set is None else peer_set.counting_ops(ops)
         peers = 1 if peer_set is None else len(peer_set.peers)
         pool = ConnectionPool(
             self.alias,
-            pool_ops,
+            ops,
+            on_close=None if peer_set is None else peer_set.closed,
             opener=_pool_opener(type(self), self.settings_dict, self.alias, peer_set),
             target_of=functools.partial(_target_of, self.settings_dict, peer_set),
             # One attempt per peer, each bounded by connect_timeout or POOL_TIMEOUT
@@ -102,29 +105,28 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
             writable_required=writable_required(self.settings_dict),
             **settings.pool_kwargs(),
         )
-        pool.settings = settings  # type: ignore[attr-defined]
-        pool.peer_set = peer_set  # type: ignore[attr-defined]
         if peer_set is not None:
             pool.add_stats_source(peer_set.get_stats)
             pool.read_only_listeners.append(peer_set.read_only)
         # setdefault: if two greenlets raced here, both use the first pool.
-        existing = registry.pools.get(self.alias)
-        if existing is not None and not existing.closed:
+        existing = registry.aliases.get(self.alias)
+        if existing is not None and not existing.pool.closed:
             pool.close()  # it may have started warming up (MIN_CONNS)
             return existing
-        registry.pools[self.alias] = pool
+        record = registry.AliasPool(pool, settings, peer_set)
+        registry.aliases[self.alias] = record
         otel.attach(pool)  # does nothing without opentelemetry-api
         for hook in registry.created_hooks:
             hook(pool)
         if settings.stats_log_interval is not None:
             start_stats_logger(pool, settings.stats_log_interval)
-        return pool
+        return record
 
     def close_pool(self) -> None:
         """Close this alias's pool; the next checkout creates a new one."""
-        pool = registry.pools.pop(self.alias, None)
-        if pool is not None:
-            pool.close()
+        record = registry.aliases.pop(self.alias, None)
+        if record is not None:
+            record.pool.close()
 
     # -- Django's connection hooks --------------------------------------------
 
@@ -158,19 +160,20 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         # The registry first: this runs at every checkout.
-        pool = registry.pools.get(self.alias)
-        if pool is None or pool.closed:
-            pool = self.geventpool
-            if pool is None:
+        record = registry.aliases.get(self.alias)
+        if record is None or record.pool.closed:
+            record = self._geventpool_record()
+            if record is None:
                 return super().get_new_connection(conn_params)
         if self._pool_lease is not None:
             # A previous checkout was never given back through close(): give it
             # back now rather than leak its slot.
             self._give_back(self._pool_lease)
-        peer_set = pool.peer_set  # type: ignore[attr-defined]
         # New server connections are opened by the pool's connectors (see
         # _pool_opener); this checkout only waits, within POOL_TIMEOUT.
-        lease = pool.checkout(owner=self, target=_target_of(self.settings_dict, peer_set))
+        lease = record.pool.checkout(
+            owner=self, target=_target_of(self.settings_dict, record.peer_set)
+        )
         self._pool_lease = lease
         if "isolation_level" not in self.__dict__:
             # Django sets it when it opens a connection; a reused one needs it too.
@@ -387,8 +390,8 @@ def _configured_isolation_level(settings_dict: dict[str, Any]) -> Any:
 
 
 def _forget_in_child() -> None:
-    # The pools forget their connections themselves; the wrappers of the greenlet
-    # that forked must also stop pointing at them.
+    # Step 3 of forking's hook: the pools have forgotten their connections; the
+    # wrappers of the greenlet that forked must also stop pointing at them.
     from django.db import connections
 
     for wrapper in connections.all(initialized_only=True):
@@ -396,4 +399,4 @@ def _forget_in_child() -> None:
             wrapper._forget_inherited_connection()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+forking.on_fork_in_child(_forget_in_child)

@@ -3,6 +3,18 @@
 Validation happens once per alias, when its pool is created; a wrong value raises
 `ImproperlyConfigured` naming the alias, the option and what is accepted. The pool
 options are removed before the rest of ``OPTIONS`` reaches the driver.
+
+``TRANSACTION_POOLING = True`` declares a proxy in transaction mode (pgbouncer
+``pool_mode = transaction``, pgcat, odyssey, Supavisor, RDS Proxy): it gives each
+*transaction* whichever server connection is free, so nothing a session sets outside
+a transaction survives to the next one. The pool cannot see the proxy (the server
+version and ``SHOW`` answers come from PostgreSQL), hence the declaration. Settings
+that break correctness behind it are refused here (`_refuse_under_transaction_pooling`):
+server-side cursors (Django's ``.iterator()`` declares ``WITH HOLD`` cursors outside a
+transaction and fetches from them in later ones) and ``OPTIONS["assume_role"]`` (a
+session ``SET ROLE``). Those that may work or merely cost a round trip are system
+checks (``checks.py``, W005 and W006). Django's session time zone keeps working:
+pgbouncer tracks ``TimeZone`` and sets it on every server connection it assigns.
 """
 
 from __future__ import annotations
@@ -14,7 +26,6 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 from .pool_mode import POOL_MODES, TRANSACTION
-from .transaction_pooling import check_transaction_pooling
 
 __all__ = ["PoolSettings", "POOL_OPTION_NAMES", "TOP_LEVEL_OPTION_NAMES", "parse_pool_settings"]
 
@@ -63,7 +74,7 @@ class PoolSettings:
     check_interval: float
     # Not a ConnectionPool argument: the backend starts a stats logger (statslog.py).
     stats_log_interval: float | None = None
-    # Declared proxy in transaction mode: settings checked by transaction_pooling.py.
+    # Declared proxy in transaction mode (see the module docstring).
     transaction_pooling: bool = False
     min_conns: int = 0
     keepalive_interval: float | None = None
@@ -179,7 +190,7 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
     if alias in peers:
         peers = tuple(p for p in peers if p != alias)
     if values["TRANSACTION_POOLING"]:
-        check_transaction_pooling(alias, settings_dict)
+        _refuse_under_transaction_pooling(alias, settings_dict)
     if values["POOL_MODE"] == TRANSACTION and settings_dict.get("AUTOCOMMIT") is False:
         raise ImproperlyConfigured(
             f"{where}['POOL_MODE'] is 'transaction', but DATABASES[{alias!r}]['AUTOCOMMIT'] is "
@@ -206,3 +217,22 @@ def parse_pool_settings(alias: str, settings_dict: dict[str, Any]) -> PoolSettin
         keepalive_interval=None if keepalive is None else float(keepalive),
         pool_mode=values["POOL_MODE"],
     )
+
+
+def _refuse_under_transaction_pooling(alias: str, settings_dict: dict[str, Any]) -> None:
+    """Refuse the settings that a transaction-pooling proxy breaks (`ImproperlyConfigured`)."""
+    options = settings_dict.get("OPTIONS") or {}
+    where = f"DATABASES[{alias!r}]"
+    if not settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+        raise ImproperlyConfigured(
+            f"{where} declares OPTIONS['TRANSACTION_POOLING'], but server-side cursors are "
+            "enabled: QuerySet.iterator() would declare a cursor in one transaction and fetch "
+            "from it in another, on another server connection. Set "
+            f"{where}['DISABLE_SERVER_SIDE_CURSORS'] = True."
+        )
+    if options.get("assume_role"):
+        raise ImproperlyConfigured(
+            f"{where}['OPTIONS']['assume_role'] cannot work with TRANSACTION_POOLING: SET ROLE "
+            "is session state, and the next transaction may run on another server connection "
+            "as the login role. Log in as the role instead (USER), or use session pooling."
+        )

@@ -39,7 +39,8 @@ import functools
 import logging
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
@@ -54,6 +55,8 @@ else:
 __all__ = ["POOL_MODES", "SESSION", "TRANSACTION", "PoolModeMixin", "PoolModeSwitch"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 SESSION = "session"
 TRANSACTION = "transaction"
@@ -407,30 +410,22 @@ class PoolModeMixin(PoolModeSwitch):
     # connection is in use meanwhile (a release queued earlier must wait).
 
     def _set_autocommit(self, autocommit: bool) -> None:
-        self._in_use += 1
-        try:
-            super()._set_autocommit(autocommit)  # type: ignore[misc]
-        finally:
-            self._in_use -= 1
+        self._while_in_use(super()._set_autocommit, autocommit)  # type: ignore[misc]
 
     def _commit(self) -> None:
-        self._in_use += 1
-        try:
-            super()._commit()  # type: ignore[misc]
-        finally:
-            self._in_use -= 1
+        self._while_in_use(super()._commit)  # type: ignore[misc]
 
     def _rollback(self) -> None:
-        self._in_use += 1
-        try:
-            super()._rollback()  # type: ignore[misc]
-        finally:
-            self._in_use -= 1
+        self._while_in_use(super()._rollback)  # type: ignore[misc]
 
     def is_usable(self) -> bool:
+        return self._while_in_use(super().is_usable)
+
+    def _while_in_use(self, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)``, with the connection counted in use meanwhile."""
         self._in_use += 1
         try:
-            return super().is_usable()
+            return call(*args)
         finally:
             self._in_use -= 1
 

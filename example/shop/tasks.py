@@ -98,7 +98,7 @@ def sleep_in_asyncio(self, seconds: float) -> None:
 @shared_task(bind=True)
 def sleep_in_asyncio_native_thread(self, seconds: float) -> None:
     """The same asyncio code, run in a real OS thread: other greenlets are unaffected."""
-    from django_db_geventpool.nativethread import run_in_native_thread
+    from django_db_geventpool.utils import run_in_native_thread
 
     # Reported from the task's greenlet (celery's client is not for another OS thread);
     # the thread's loop starts right after.

@@ -7,7 +7,12 @@ GeoDjango's own ``get_new_connection``.
 
 from django.contrib.gis.db.backends.postgis.base import DatabaseWrapper as PostGISDatabaseWrapper
 
+from ...checks import register as register_checks
 from ..base import PooledDatabaseWrapperMixin
+
+# The system checks (checks.py), for projects that only set ENGINE. checks.py imports
+# the glue, not this module: no import cycle.
+register_checks()
 
 
 class DatabaseWrapper(PooledDatabaseWrapperMixin, PostGISDatabaseWrapper):

@@ -4,7 +4,12 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
+from ...checks import register as register_checks
 from ..base import PooledDatabaseWrapperMixin
+
+# The system checks (checks.py), for projects that only set ENGINE. checks.py imports
+# the glue, not this module: no import cycle.
+register_checks()
 
 if is_psycopg3:
     # Django's backend picks psycopg 3 whenever it is importable; running it with

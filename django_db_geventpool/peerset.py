@@ -28,22 +28,22 @@ Semantics, which the Django glue and the docs rely on:
 
 Like `pool`, this module knows nothing of Django or of a driver: peers are names,
 connections are opened by a callable, and the driver's connect errors are given.
+Its Django glue (reading the peers' ``DATABASES`` entries) is ``backends/peers_glue.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any, TypeVar
 
+from . import forking
 from .errors import AllPeersDown
 
-__all__ = ["AllPeersDown", "Peer", "PeerCountingOps", "PeerSet", "PEER_STATS_SUFFIXES"]
+__all__ = ["AllPeersDown", "Peer", "PeerSet", "PEER_STATS_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class PeerSet:
         # Open connections by id(), with the object itself so the id cannot be
         # reused while it is tracked.
         self._peer_of: dict[int, tuple[Any, Peer]] = {}
-        _live_peer_sets.add(self)
+        forking.track_peer_set(self)
 
     # -- opening ----------------------------------------------------------------
 
@@ -240,14 +240,28 @@ class PeerSet:
     # -- bookkeeping ------------------------------------------------------------
 
     def closed(self, raw: Any) -> None:
-        """Forget a connection that was closed (unknown or already forgotten: no-op)."""
+        """Forget a connection that was closed (unknown or already forgotten: no-op).
+
+        Given to the pool as its ``on_close``: the pool closes every connection it
+        owns through it (discard, expiry, reset failure, pool close), so this is
+        where the per-peer count of open connections goes down.
+        """
         entry = self._peer_of.pop(id(raw), None)
         if entry is not None:
             entry[1].connections -= 1
 
-    def counting_ops(self, ops: Any) -> PeerCountingOps:
-        """``ops`` (the pool's `DriverOps`), telling this set when a connection closes."""
-        return PeerCountingOps(ops, self)
+    def forget_after_fork(self) -> None:
+        """In a forked child (called by `forking`, after the pools): counts start from zero.
+
+        The pools forgot the parent's connections without closing them, so their
+        counts are dropped here; a connect in progress in the parent does not exist
+        in the child, and a peer left "probing" would never be retried.
+        """
+        self._peer_of.clear()
+        for peer in self.peers:
+            peer.opening = 0
+            peer.probing = False
+            peer.connections = 0
 
     def get_stats(self) -> dict[str, int]:
         """``peer.<name>.up`` (1 or 0), ``.connections``, ``.connects``, ``.connects_failed``."""
@@ -263,44 +277,3 @@ class PeerSet:
 
 class _ReadOnlyServer(Exception):
     """Why a peer was marked down when its server turned read-only (a message only)."""
-
-
-class PeerCountingOps:
-    """A pool's `DriverOps` that also tells its `PeerSet` when a connection is closed.
-
-    The pool closes every connection it owns through ``driver.close`` (discard,
-    expiry, reset failure, pool close, fork), so this is where the per-peer count
-    of open connections goes down.
-    """
-
-    def __init__(self, ops: Any, peer_set: PeerSet) -> None:
-        self._ops = ops
-        self._peer_set = peer_set
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ops, name)
-
-    def close(self, raw: Any) -> None:
-        try:
-            self._ops.close(raw)
-        finally:
-            self._peer_set.closed(raw)
-
-
-# Every peer set of the process, so that a forked child does not inherit a
-# connect in progress: a peer left "probing" would never be retried there.
-_live_peer_sets: weakref.WeakSet[PeerSet] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for peer_set in list(_live_peer_sets):
-        # The pool forgets the parent's connections without closing them (see
-        # ConnectionPool._forget_after_fork), so their counts are dropped here.
-        peer_set._peer_of.clear()
-        for peer in peer_set.peers:
-            peer.opening = 0
-            peer.probing = False
-            peer.connections = 0
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,5 +1,7 @@
 """PEERS in Django terms: the peers' ``DATABASES`` entries and the `PeerSet` of a pool.
 
+The Django glue of ``peerset.py`` (which knows nothing of Django).
+
 An alias with ``PEERS`` keeps one pool (``MAX_CONNS`` caps the whole pool, its pool
 options are the alias's own); each new server connection goes to one peer and is
 opened with that peer's own entry: ``NAME``, ``HOST``, ``PORT``, ``USER``,
@@ -15,7 +17,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..peers import PeerSet
+from ..peerset import PeerSet
 from .options import PoolSettings
 
 __all__ = ["build_peer_set", "peer_connection_params", "peer_settings"]
