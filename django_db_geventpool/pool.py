@@ -522,9 +522,11 @@ class ConnectionPool:
             conn = None
         deadline = started + (self.timeout if timeout is None else timeout)
         first_in_line = False
+        waits = 0
         while True:
             if conn is None:
-                conn = self._wait(deadline, started, open_connection, target, first_in_line)
+                conn = self._wait(deadline, started, open_connection, target, first_in_line, waits)
+                waits += 1
             # This checkout owns a slot and conn from here on: any failure frees both.
             try:
                 verdict = self._check(conn, deadline) if conn.target == target else _EXPIRED
@@ -556,8 +558,15 @@ class ConnectionPool:
         opener: Callable[[bool], Any] | None,
         target: Any,
         first_in_line: bool,
+        waits: int,
     ) -> PooledConnection:
-        """Queue up until a connection is handed over; `PoolTimeout` at ``deadline``."""
+        """Queue up until a connection is handed over; `PoolTimeout` at ``deadline``.
+
+        ``waits``: how often this checkout waited before (it lost what it was
+        served): a checkout counts once in ``requests_queued``, and its waits add
+        up in ``requests_wait_ms``.
+        """
+        wait_started = monotonic()
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         waiter = _Waiter(opener, target)
@@ -567,7 +576,8 @@ class ConnectionPool:
         else:
             self._waiters.append(waiter)
         self._waiting += 1
-        self._stats[REQUESTS_QUEUED] += 1
+        if not waits:
+            self._stats[REQUESTS_QUEUED] += 1
         self._grow()
         try:
             waiter.wait(deadline - monotonic())
@@ -575,8 +585,9 @@ class ConnectionPool:
             # Killed or interrupted while queued: never lose what was handed over.
             self._abandon(waiter)
             raise
-        waited_ms = int((monotonic() - started) * 1000)
-        self._stats[REQUESTS_WAIT_MS] += waited_ms
+        now = monotonic()
+        self._stats[REQUESTS_WAIT_MS] += int((now - wait_started) * 1000)
+        waited_ms = int((now - started) * 1000)
         if waiter.cancel():
             # Critical section: nobody served us in time, and now nobody will.
             self._waiting -= 1

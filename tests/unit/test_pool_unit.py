@@ -7,6 +7,7 @@ server going away looks like to the pool's local health check.
 from __future__ import annotations
 
 import socket
+from time import monotonic
 
 import gevent
 import pytest
@@ -185,6 +186,26 @@ def test_discard_hands_the_slot_to_a_waiter(server):
     assert len(server.opened) == 2
     pool.checkin(lease)
     assert pool.get_stats()["pool_size"] == 1
+
+
+def test_a_checkout_served_a_broken_connection_counts_once_as_queued(server):
+    """It waits again for a new connection: one queued checkout, its waits added once."""
+    pool = make_pool(max_size=1)
+    holder = pool.checkout(server.open)  # no idle connection: it waited for a connect
+    started = monotonic()
+    waiter = gevent.spawn(pool.checkout, server.open)
+    wait_until(lambda: pool.get_stats()["requests_waiting"] == 1)
+    holder.connection.server_goes_away()
+    pool.checkin(holder)  # handed to the waiter, which finds it broken and waits again
+    lease = waiter.get(timeout=5)
+    waited_ms = (monotonic() - started) * 1000
+    assert lease.connection is not holder.connection
+    stats = pool.get_stats()
+    assert stats["connections_lost"] == 1
+    assert stats["requests_num"] == 2
+    assert stats["requests_queued"] == 2
+    assert stats["requests_wait_ms"] <= waited_ms + 1 + stats["connections_ms"]
+    pool.checkin(lease)
 
 
 def test_timed_out_waiter_is_never_served(server):
