@@ -633,7 +633,9 @@ class ConnectionPool:
     def _check(self, conn: PooledConnection, deadline: float | None = None) -> int:
         now = monotonic()
         # Idle past MAX_IDLE still serves while the pool holds no more than MIN_CONNS.
-        max_idle = self.max_idle if self._total_size() > self.min_size else None
+        # (Inlined: this runs at every checkout.)
+        keep_min = self.min_size and self._slots_used + len(self._idle) <= self.min_size
+        max_idle = None if keep_min else self.max_idle
         if conn.expired(now, max_idle):
             self._stats[CONNECTIONS_EXPIRED] += 1
             logger.debug("pool %r: closing expired connection %r", self.name, conn.raw)
@@ -1004,7 +1006,7 @@ class ConnectionPool:
         # Critical section: hand the connection to the oldest waiter, else keep
         # it idle (up to reuse_size, and only if it has not outlived its lifetime).
         # After resize() shrank the cap, connections beyond it are closed instead.
-        if self._total_size() > self.max_size:
+        if self._slots_used + len(self._idle) > self.max_size:  # _total_size(), inlined
             self._close_and_release(conn)
             return
         if not self._closed and not conn.expired(now, None):
