@@ -78,16 +78,23 @@ def post_worker_init(worker):
     Operations and metrics: runs after gunicorn installed its own signal handlers (it
     resets ``SIGUSR2`` to the default in workers and does not use it there).
     """
+    # None of these may keep a worker from serving: a failure is logged, loudly.
     if os.environ.get("GEVENTPOOL_CONTROL_DIR"):
-        from django_db_geventpool import control
+        try:
+            from django_db_geventpool import control
 
-        control.serve(os.environ["GEVENTPOOL_CONTROL_DIR"])
+            control.serve(os.environ["GEVENTPOOL_CONTROL_DIR"])
+        except Exception:
+            worker.log.exception("django_db_geventpool: the control handler could not start")
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from django_db_geventpool import prometheus
+        try:
+            from django_db_geventpool import prometheus
 
-        prometheus.start_multiprocess_export(
-            float(os.environ.get("GEVENTPOOL_METRICS_INTERVAL", "5"))
-        )
+            prometheus.start_multiprocess_export(
+                float(os.environ.get("GEVENTPOOL_METRICS_INTERVAL", "5"))
+            )
+        except Exception:
+            worker.log.exception("django_db_geventpool: the Prometheus export could not start")
 
     if os.environ.get("GEVENTPOOL_WARM_UP", "1") == "0" or "django" not in sys.modules:
         return
@@ -105,9 +112,14 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     """In the master, when a worker has exited: drop its live gauges (multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+        try:
+            from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(worker.pid)
+            multiprocess.mark_process_dead(worker.pid)
+        except Exception:
+            server.log.exception(
+                "django_db_geventpool: dropping worker %s's gauges failed", worker.pid
+            )
 
 
 def worker_exit(server, worker):

@@ -421,6 +421,8 @@ class ConnectionPool:
         self.target_of: Callable[[], Any] = target_of or _no_target
         #: Bound on one connect (the opener's whole call): never a slot held forever.
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        # MIN_CONNS as configured; min_size follows resize() up to it and back.
+        self._min_size_configured = min_size
         self.min_size = min(min_size, max_size)
         self.keepalive_interval = keepalive_interval
         self.writable_required = writable_required
@@ -1223,8 +1225,9 @@ class ConnectionPool:
         """Close idle connections now, and every connection in use when it is given back.
 
         Checkouts that follow get fresh connections (new credentials, a new server
-        behind the same name). A connection being opened by a connector, or handed
-        to a queued checkout, at this moment is kept.
+        behind the same name). A connection being opened by a connector, handed to a
+        queued checkout, or in a health-check or keepalive round trip at this moment
+        is kept.
         Returns how many idle connections were closed.
         """
         # Critical section: empty the idle set; mark connections in use as expired,
@@ -1263,7 +1266,7 @@ class ConnectionPool:
         if self.reuse_size >= old or self.reuse_size > max_size:
             # REUSE_CONNS unset (it was the cap) follows the cap; a larger one shrinks with it.
             self.reuse_size = max_size
-        self.min_size = min(self.min_size, max_size)
+        self.min_size = min(self._min_size_configured, max_size)
         idle: list[PooledConnection] = []
         while self._total_size() > max_size and self._idle:
             idle.append(self._idle.popleft())

@@ -488,11 +488,11 @@ class PoolModeMixin(PoolModeSwitch):
         if self._pool_lease is not lease or not self._releasable():
             return  # closed meanwhile, or in use again (its next use schedules anew)
         pool = lease.pool
-        if pool.driver.transaction_status(lease.connection) == _ACTIVE:
-            # Talking to the server through a path we do not count: keep it (the
-            # next statement's end, or the request end, gives it back).
-            return
         try:
+            if pool.driver.transaction_status(lease.connection) == _ACTIVE:
+                # Talking to the server through a path we do not count: keep it (the
+                # next statement's end, or the request end, gives it back).
+                return
             last, self._last_cursor = self._last_cursor, None
             cursor = last() if last is not None else None
             if cursor is not None and self._buffers_results:

@@ -535,6 +535,15 @@ def test_min_size_is_opened_in_the_background_and_kept(server):
     pool.close()
 
 
+def test_resize_keeps_min_size_within_the_cap_and_restores_it(server):
+    pool = make_pool(max_size=4, min_size=3, opener=server.open)
+    pool.resize(2)
+    assert pool.get_stats()["pool_min"] == 2
+    pool.resize(4)
+    assert pool.get_stats()["pool_min"] == 3
+    pool.close()
+
+
 def test_keepalive_pings_idle_connections(server):
     pool = make_pool(max_size=2, keepalive_interval=0.3, opener=server.open)
     pool.checkin(pool.checkout())
