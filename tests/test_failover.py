@@ -20,6 +20,7 @@ from django.db import DatabaseError, connections
 
 from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
+from tests.support.helpers import database_entry, drop_alias, sqlstate
 from tests.support.pgserver import PostgresCluster
 from tests.testapp.models import Item
 
@@ -28,26 +29,6 @@ logger = logging.getLogger(__name__)
 TEST_DB = "geventpool_test"
 CHECK_INTERVAL = 1.0
 HA, STANDBY = "ha", "ha_standby"
-
-
-def _entry(host: str, port: str, **options) -> dict:
-    default = connections.settings["default"]
-    return {
-        **default,
-        "NAME": TEST_DB,
-        "HOST": host,
-        "PORT": port,
-        "OPTIONS": {"application_name": "geventpool-failover", **options},
-        "TEST": {**default.get("TEST", {})},
-    }
-
-
-def _drop_alias(alias: str) -> None:
-    if alias in connections.settings:
-        connections[alias].close()
-        connections[alias].close_pool()
-        del connections[alias]
-        del connections.settings[alias]
 
 
 @pytest.fixture
@@ -59,21 +40,20 @@ def primary_and_standby():
         primary.psql(f"CREATE DATABASE {TEST_DB}")
         connections.settings["ha_setup"] = _entry(primary.socket_dir, str(primary.port))
         call_command("migrate", database="ha_setup", run_syncdb=True, verbosity=0)
-        _drop_alias("ha_setup")
+        drop_alias("ha_setup")
         standby = PostgresCluster.standby_of(primary)
         standby.start()
         yield primary, standby
     finally:
         for alias in ("ha_setup", HA, STANDBY):
-            _drop_alias(alias)
+            drop_alias(alias)
         for cluster in (standby, primary):
             if cluster is not None:
                 cluster.destroy()
 
 
-def _sqlstate(error: BaseException) -> str | None:
-    cause = error.__cause__
-    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+def _entry(host: str, port: str, **options) -> dict:
+    return database_entry(host, port, "geventpool-failover", **options)
 
 
 class WriteLoad:
@@ -142,7 +122,7 @@ def _check(load: WriteLoad, promoted: float, primary, standby, what: str) -> Non
         len(failures),
         sorted(
             {
-                f"{type(e).__name__} {_sqlstate(e)}: {str(e).splitlines()[0][:120]}"
+                f"{type(e).__name__} {sqlstate(e)}: {str(e).splitlines()[0][:120]}"
                 for _, e in failures
             }
         ),
@@ -155,7 +135,7 @@ def _check(load: WriteLoad, promoted: float, primary, standby, what: str) -> Non
     # running on the primary when it stopped failed, never a checkout.
     assert load.checkout_errors == [], load.checkout_errors[:3]
     # No write ever reached a read-only server (it would have failed with 25006).
-    assert not any(_sqlstate(e) == "25006" for _, e in failures)
+    assert not any(sqlstate(e) == "25006" for _, e in failures)
     assert served == {str(primary.port), str(standby.port)}
     after = {p for s, p, e in load.outcomes if s > promoted + CHECK_INTERVAL + 1}
     assert after == {str(standby.port)}

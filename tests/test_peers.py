@@ -29,6 +29,7 @@ from django.db import DatabaseError, OperationalError, connections
 from django_db_geventpool import AllPeersDown, PoolTimeout, get_stats, registry, signals
 from django_db_geventpool.peerset import PeerSet
 from tests.support.eventually import wait_until
+from tests.support.helpers import database_entry, drop_alias
 from tests.support.pgserver import PostgresCluster, free_port
 from tests.testapp.models import Item
 
@@ -42,23 +43,7 @@ ALIASES = ("peer_a", "peer_b", "peer_hanging", "peer_refusing", PEERED, "multiho
 
 def _entry(host: str, port: str | int, **options) -> dict:
     """A complete DATABASES entry (the default's, as Django configured it) for a server."""
-    default = connections.settings["default"]
-    return {
-        **default,
-        "NAME": TEST_DB,
-        "HOST": host,
-        "PORT": str(port),
-        "OPTIONS": {"application_name": APPLICATION_NAME, **options},
-        "TEST": {**default.get("TEST", {})},
-    }
-
-
-def _drop_alias(alias: str) -> None:
-    if alias in connections.settings:
-        connections[alias].close()
-        connections[alias].close_pool()
-        del connections[alias]
-        del connections.settings[alias]
+    return database_entry(host, port, APPLICATION_NAME, **options)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def clusters():
         yield a, b
     finally:
         for alias in ALIASES:
-            _drop_alias(alias)
+            drop_alias(alias)
         for cluster in started:
             cluster.destroy()
 
@@ -96,7 +81,7 @@ def peered(clusters):
             cluster.start()
 
     def configure(peers=("peer_b",), **options) -> dict:
-        _drop_alias(PEERED)
+        drop_alias(PEERED)
         pool_options = {"MAX_CONNS": 4, "CHECK_INTERVAL": 30.0, **options}
         connections.settings[PEERED] = {
             **_entry(a.socket_dir, a.port, **pool_options),
@@ -105,7 +90,7 @@ def peered(clusters):
         return connections.settings[PEERED]
 
     yield configure
-    _drop_alias(PEERED)
+    drop_alias(PEERED)
 
 
 def stop_server(cluster: PostgresCluster) -> None:
@@ -512,7 +497,7 @@ def test_libpq_multi_host_keeps_working_through_the_pool(clusters):
     finally:
         if not a.is_running():
             a.start()
-        _drop_alias("multihost")
+        drop_alias("multihost")
 
 
 def test_a_due_peer_is_retried_by_one_checkout_at_a_time():

@@ -29,6 +29,7 @@ from django.db import DatabaseError, connections
 from django_db_geventpool import PoolTimeout, get_stats
 from django_db_geventpool.backends.drivers import driver_ops
 from tests.support.eventually import wait_until
+from tests.support.helpers import database_entry, drop_alias, sqlstate
 from tests.support.pgserver import PostgresCluster
 from tests.testapp.models import Item
 
@@ -41,23 +42,7 @@ SINGLE, PEERED, PEER_B = "ro_single", "ro_peered", "ro_b"
 
 
 def _entry(cluster: PostgresCluster, **options) -> dict:
-    default = connections.settings["default"]
-    return {
-        **default,
-        "NAME": TEST_DB,
-        "HOST": cluster.socket_dir,
-        "PORT": str(cluster.port),
-        "OPTIONS": {"application_name": "geventpool-read-only", **options},
-        "TEST": {**default.get("TEST", {})},
-    }
-
-
-def _drop_alias(alias: str) -> None:
-    if alias in connections.settings:
-        connections[alias].close()
-        connections[alias].close_pool()
-        del connections[alias]
-        del connections.settings[alias]
+    return database_entry(cluster.socket_dir, cluster.port, "geventpool-read-only", **options)
 
 
 def set_read_only(cluster: PostgresCluster, on: bool) -> None:
@@ -85,7 +70,7 @@ def clusters():
         yield a, b
     finally:
         for alias in ("ro_a", PEER_B, SINGLE, PEERED):
-            _drop_alias(alias)
+            drop_alias(alias)
         for cluster in started:
             cluster.destroy()
 
@@ -99,12 +84,7 @@ def writable(clusters):
     for cluster in clusters:
         set_read_only(cluster, False)
     for alias in (SINGLE, PEERED):
-        _drop_alias(alias)
-
-
-def _sqlstate(error: BaseException) -> str | None:
-    cause = error.__cause__
-    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        drop_alias(alias)
 
 
 class WriteLoad:
@@ -152,7 +132,7 @@ class WriteLoad:
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for _, _, error, _ in self.outcomes:
-            key = "ok" if error is None else f"{type(error).__name__} {_sqlstate(error)}"
+            key = "ok" if error is None else f"{type(error).__name__} {sqlstate(error)}"
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -181,7 +161,7 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     finally:
         load.stop()
     read_only_failures = [
-        e for s, _, e, _ in load.outcomes if e is not None and _sqlstate(e) == "25006"
+        e for s, _, e, _ in load.outcomes if e is not None and sqlstate(e) == "25006"
     ]
     late = load.errors(since=switched + CHECK_INTERVAL + 1, until=writable_again)
     stats = get_stats(SINGLE)
@@ -200,7 +180,7 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     # Later: no writable server, so checkouts wait and time out saying why.
     assert all(isinstance(e, PoolTimeout) for e in late)
     assert all("read-only" in str(e) for e in late)
-    assert not any(_sqlstate(e) == "25006" for e in late)
+    assert not any(sqlstate(e) == "25006" for e in late)
     # Writable again: writes succeed again.
     assert load.errors(since=writable_again + CHECK_INTERVAL + 2.5) == []
 
@@ -228,7 +208,7 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     finally:
         load.stop()
     read_only_failures = [
-        e for s, _, e, _ in load.outcomes if e is not None and _sqlstate(e) == "25006"
+        e for s, _, e, _ in load.outcomes if e is not None and sqlstate(e) == "25006"
     ]
     logger.info(
         "read-only peer: %s; 25006 failures %d (last %.2fs after the switch); stats %s",
@@ -239,7 +219,7 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     )
     assert not any(reported for *_, reported in load.outcomes)
     assert len(read_only_failures) <= MAX_CONNS
-    assert all(_sqlstate(e) == "25006" for e in load.errors())
+    assert all(sqlstate(e) == "25006" for e in load.errors())
     # Errors stop within CHECK_INTERVAL + 1 s; writes go to the writable peer.
     assert load.errors(since=switched + CHECK_INTERVAL + 1) == []
     after = [p for s, p, e, _ in load.outcomes if s > switched + CHECK_INTERVAL + 1]

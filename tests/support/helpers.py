@@ -185,3 +185,38 @@ class ServerConnectionSampler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def database_entry(host: str, port: str | int, application_name: str, **options) -> dict:
+    """A complete DATABASES entry (the default's, as Django configured it) for a server.
+
+    Same test database name; ``options`` join ``OPTIONS`` (pool options included).
+    """
+    from django.db import connections
+
+    default = connections.settings["default"]
+    return {
+        **default,
+        "NAME": "geventpool_test",
+        "HOST": host,
+        "PORT": str(port),
+        "OPTIONS": {"application_name": application_name, **options},
+        "TEST": {**default.get("TEST", {})},
+    }
+
+
+def drop_alias(alias: str) -> None:
+    """Close an alias added by a test (its connection and pool) and forget it."""
+    from django.db import connections
+
+    if alias in connections.settings:
+        connections[alias].close()
+        connections[alias].close_pool()
+        del connections[alias]
+        del connections.settings[alias]
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of the driver error behind a Django database error (either driver)."""
+    cause = error.__cause__
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
