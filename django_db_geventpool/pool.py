@@ -361,7 +361,9 @@ _HEALTHY, _EXPIRED, _LOST = 0, 1, 2
 
 # Pool-wide connect backoff after failures: from CONNECT_RETRY_DELAY (at least
 # _MIN_BACKOFF, so a zero delay cannot hammer a down server), doubled per failure
-# up to _MAX_BACKOFF, with jitter.
+# up to _MAX_BACKOFF, with jitter. The ceiling is also at most half of POOL_TIMEOUT:
+# a checkout that waits its whole timeout then always sees a probe start in its
+# first half, so a server that is back is found before the checkout gives up.
 _MIN_BACKOFF = 0.05
 _MAX_BACKOFF = 2.0
 # Warm-up connects (MIN_CONNS) start within this many seconds, spread at random.
@@ -787,7 +789,8 @@ class ConnectionPool:
             # first failure was known) count as one, so the delay doubles per probe.
             self._backoff_rounds += 1
             base = max(self.connect_retry_delay, _MIN_BACKOFF)
-            delay = min(base * 2 ** (self._backoff_rounds - 1), max(base, _MAX_BACKOFF))
+            ceiling = max(base, min(_MAX_BACKOFF, self.timeout / 2))
+            delay = min(base * 2 ** (self._backoff_rounds - 1), ceiling)
             self._retry_at = now + delay * random.uniform(0.5, 1.0)
         delay = self._retry_at - now
         error_text = " ".join(str(exc).split()) or type(exc).__name__

@@ -422,6 +422,37 @@ def test_failed_connects_back_off_pool_wide_not_per_waiter(server):
     assert pool.get_stats()["pool_size"] == 0
 
 
+def test_backoff_never_outlasts_half_a_checkout_so_every_waiting_checkout_sees_a_probe(
+    server, caplog
+):
+    """Doubling from 0.2 s would reach 2 s; capped at POOL_TIMEOUT / 2 = 0.5 s instead.
+
+    So a checkout that waits its whole timeout always sees a connect attempt start in
+    its first half: a server that came back is found before the checkout gives up.
+    """
+    pool = make_pool(max_size=1, connect_retries=0, connect_retry_delay=0.2, timeout=1.0)
+    server.failures_left = 10**6
+    attempts_per_checkout = []
+    for _ in range(6):
+        before = pool.get_stats()["connections_num"]
+        with pytest.raises(PoolTimeout):
+            pool.checkout(server.open)
+        attempts_per_checkout.append(pool.get_stats()["connections_num"] - before)
+    assert all(attempts >= 1 for attempts in attempts_per_checkout), attempts_per_checkout
+    pauses = [
+        float(record.args[2])
+        for record in caplog.records
+        if record.getMessage().startswith("pool 'unit': connect failed")
+    ]
+    # The doubling did happen (0.2, 0.4, then the ceiling), and never past the ceiling.
+    assert len(pauses) >= 4, pauses
+    assert max(pauses) <= 0.5, pauses
+    assert max(pauses) > 0.2, pauses
+    # And a server that is back is found by the next checkout.
+    server.failures_left = 0
+    assert pool.checkout(server.open).active
+
+
 def test_waiters_are_served_in_arrival_order_once_failing_connects_recover(server):
     pool = make_pool(max_size=2, connect_retries=0, connect_retry_delay=0.01, timeout=5.0)
     server.failures_left = 5
