@@ -7,6 +7,7 @@ median over rounds, and every ratio is taken between figures of the same run.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,47 +49,9 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             if "overhead" in rounds[0]
             else None
         )
-        throughput: dict[str, dict[str, Any]] = {}
-        for row in rounds[0].get("throughput", ()):
-            key = _key(row["queries"], row["concurrency"])
-            same = [
-                t
-                for r in rounds
-                for t in r["throughput"]
-                if _key(t["queries"], t["concurrency"]) == key
-            ]
-            throughput[key] = {
-                "queries": row["queries"],
-                "concurrency": row["concurrency"],
-                "rps": med(t["rps"] for t in same),
-                "p50_ms": med(t["p50_ms"] for t in same),
-                "p99_ms": med(t["p99_ms"] for t in same),
-                "cpu_us_per_request": _median_or_none(t.get("cpu_us_per_request") for t in same),
-                "peak_conns": max((t["peak_conns"] or 0) for t in same),
-                "errors": sum(t["errors"] for t in same),
-                "served_greenlets": min(t["served_greenlets"] for t in same),
-            }
+        throughput = _summarize_load(rounds, "throughput", "queries", _key)
         waiting = _summarize_waiting(rounds, "waiting")
-        external: dict[str, dict[str, Any]] = {}
-        for row in rounds[0].get("external_wait") or ():
-            key = _wait_key(row["wait_ms"], row["concurrency"])
-            same = [
-                t
-                for r in rounds
-                for t in r["external_wait"]
-                if _wait_key(t["wait_ms"], t["concurrency"]) == key
-            ]
-            external[key] = {
-                "wait_ms": row["wait_ms"],
-                "concurrency": row["concurrency"],
-                "rps": med(t["rps"] for t in same),
-                "p50_ms": med(t["p50_ms"] for t in same),
-                "p99_ms": med(t["p99_ms"] for t in same),
-                "cpu_us_per_request": _median_or_none(t.get("cpu_us_per_request") for t in same),
-                "peak_conns": max((t["peak_conns"] or 0) for t in same),
-                "errors": sum(t["errors"] for t in same),
-                "served_greenlets": min(t["served_greenlets"] for t in same),
-            }
+        external = _summarize_load(rounds, "external_wait", "wait_ms", _wait_key)
         summary[name] = {
             "meta": rounds[0]["meta"],
             "rounds": len(rounds),
@@ -100,6 +63,29 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             "rss_rest_mb": med(r["rss_rest_mb"] for r in rounds),
             "rss_load_mb": _median_or_none(r.get("rss_load_mb") for r in rounds),
             "rss_load_concurrency": rounds[0].get("rss_load_concurrency"),
+        }
+    return summary
+
+
+def _summarize_load(
+    rounds: list[dict[str, Any]], section: str, shape: str, key_of: Callable[[Any, int], str]
+) -> dict[str, dict[str, Any]]:
+    """Medians per load row of ``section``; a row is named by ``shape`` and concurrency."""
+    med = statistics.median
+    summary: dict[str, dict[str, Any]] = {}
+    for row in rounds[0].get(section) or ():
+        key = key_of(row[shape], row["concurrency"])
+        same = [t for r in rounds for t in r[section] if key_of(t[shape], t["concurrency"]) == key]
+        summary[key] = {
+            shape: row[shape],
+            "concurrency": row["concurrency"],
+            "rps": med(t["rps"] for t in same),
+            "p50_ms": med(t["p50_ms"] for t in same),
+            "p99_ms": med(t["p99_ms"] for t in same),
+            "cpu_us_per_request": _median_or_none(t.get("cpu_us_per_request") for t in same),
+            "peak_conns": max((t["peak_conns"] or 0) for t in same),
+            "errors": sum(t["errors"] for t in same),
+            "served_greenlets": min(t["served_greenlets"] for t in same),
         }
     return summary
 

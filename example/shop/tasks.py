@@ -2,11 +2,12 @@
 
 import asyncio
 import os
-import time
 
 from celery import shared_task
 from django.db import transaction
 from django.db.models import F
+
+from .external import call_another_service
 
 
 @shared_task
@@ -22,10 +23,6 @@ def sell(product_id: int) -> int:
     return product.sold
 
 
-_waiting = 0
-_waiting_peak = 0
-
-
 @shared_task
 def count_with_wait(seconds: float) -> dict:
     """One query, a wait standing for a call to another service, one more query.
@@ -35,15 +32,9 @@ def count_with_wait(seconds: float) -> dict:
     """
     from .models import Product
 
-    global _waiting, _waiting_peak
     first = Product.objects.count()
-    _waiting += 1
-    _waiting_peak = max(_waiting_peak, _waiting)
-    try:
-        time.sleep(seconds)
-    finally:
-        _waiting -= 1
-    return {"products": first, "again": Product.objects.count(), "waiting_peak": _waiting_peak}
+    waiting_peak = call_another_service(seconds)
+    return {"products": first, "again": Product.objects.count(), "waiting_peak": waiting_peak}
 
 
 @shared_task

@@ -1,10 +1,11 @@
 """Views that query the database on every request."""
 
 import os
-import time
 
 from django.db.models import Count, Sum
 from django.http import JsonResponse
+
+from .external import call_another_service
 
 
 def product_summary(request):
@@ -13,11 +14,6 @@ def product_summary(request):
 
     summary = Product.objects.aggregate(products=Count("id"), total_cents=Sum("price_cents"))
     return JsonResponse({**summary, "pid": os.getpid()})
-
-
-# Requests of this process inside the wait of `summary_with_wait` now, and at most.
-_waiting = 0
-_waiting_peak = 0
 
 
 def summary_with_wait(request):
@@ -30,21 +26,15 @@ def summary_with_wait(request):
     """
     from .models import Product
 
-    global _waiting, _waiting_peak
     seconds = float(request.GET.get("wait_ms", "20")) / 1000
     products = Product.objects.count()
-    _waiting += 1
-    _waiting_peak = max(_waiting_peak, _waiting)
-    try:
-        time.sleep(seconds)
-    finally:
-        _waiting -= 1
+    waiting_peak = call_another_service(seconds)
     total = Product.objects.aggregate(total_cents=Sum("price_cents"))["total_cents"]
     return JsonResponse(
         {
             "products": products,
             "total_cents": total,
-            "waiting_peak": _waiting_peak,
+            "waiting_peak": waiting_peak,
             "pid": os.getpid(),
         }
     )
