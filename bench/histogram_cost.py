@@ -63,18 +63,7 @@ def per_cycle(pool_class, driver, count: int) -> float:
     pool = pool_class("bench", driver, max_size=4, health_check_delay=None)
     opener = lambda reconnect: FakeConnection(0)  # noqa: E731
 
-    def cycles(n: int) -> None:
-        checkout, checkin = pool.checkout, pool.checkin
-        for _ in range(n):
-            checkin(checkout(opener))
-
-    def run() -> float:
-        cycles(1000)
-        cpu = process_time()
-        cycles(count)
-        return (process_time() - cpu) / count
-
-    result = gevent.spawn(run).get()
+    result = _cpu_per_cycle(lambda: pool.checkout(opener), pool.checkin, count)
     pool.close()
     return result
 
@@ -90,8 +79,15 @@ def per_django_cycle(pool_class, count: int) -> float:
     base.ConnectionPool = pool_class
     client = DjangoClient()
 
+    result = _cpu_per_cycle(client.acquire, client.release, count)
+    connections["default"].close_pool()
+    return result
+
+
+def _cpu_per_cycle(acquire, release, count: int) -> float:
+    """CPU seconds per ``release(acquire())`` in a greenlet, after 1,000 to warm up."""
+
     def cycles(n: int) -> None:
-        acquire, release = client.acquire, client.release
         for _ in range(n):
             release(acquire())
 
@@ -101,9 +97,7 @@ def per_django_cycle(pool_class, count: int) -> float:
         cycles(count)
         return (process_time() - cpu) / count
 
-    result = gevent.spawn(run).get()
-    connections["default"].close_pool()
-    return result
+    return gevent.spawn(run).get()
 
 
 def main() -> int:
