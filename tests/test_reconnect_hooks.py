@@ -133,7 +133,9 @@ def _warm_up(count: int) -> list[int]:
 
     def hold():
         pids.append(backend_pid(ALIAS))
-        gevent.sleep(0.02)
+        # Hold until every greenlet holds one: a connection given back earlier would
+        # serve a greenlet still waiting for its connect, whatever the machine's speed.
+        wait_until(lambda: len(pids) == count, timeout=30)
         connections[ALIAS].close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
