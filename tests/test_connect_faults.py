@@ -282,3 +282,102 @@ def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
     wait_until(lambda: get_stats(alias)["pool_opening"] == 0, timeout=10)
     hold_all()
     assert get_stats(alias)["pool_size"] <= 4
+
+
+class _SlowResolver:
+    """gevent's resolver, except that one name takes ``delay`` s to resolve (to 127.0.0.1).
+
+    It sits at gevent's own seam (``hub.resolver``), where every lookup made
+    through the patched socket module goes: a lookup libpq makes itself (a
+    blocking ``getaddrinfo()`` in C) never reaches it.
+    """
+
+    def __init__(self, real, name: str, delay: float) -> None:
+        self.real = real
+        self.name = name
+        self.delay = delay
+        self.lookups = 0
+
+    def getaddrinfo(self, host, port, *args, **kwargs):
+        if host == self.name:
+            self.lookups += 1
+            gevent.sleep(self.delay)
+            host = "127.0.0.1"
+        return self.real.getaddrinfo(host, port, *args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self.real, attr)
+
+
+@pytest.fixture
+def slow_name(cluster):
+    """A host name whose lookup takes 3 s (cooperatively), then gives the test server."""
+    hub = gevent.get_hub()
+    real = hub.resolver
+    resolver = _SlowResolver(real, "geventpool-slow-dns.invalid", 3.0)
+    hub.resolver = resolver
+    alias = "slow_dns"
+    _add_alias(
+        alias,
+        HOST=resolver.name,
+        PORT=str(cluster.port),
+        OPTIONS={"MAX_CONNS": 3, "POOL_TIMEOUT": 1.0, "application_name": "geventpool-slow-dns"},
+    )
+    try:
+        yield alias, resolver
+    finally:
+        _drop_alias(alias)
+        hub.resolver = real
+
+
+def test_a_slow_name_lookup_neither_blocks_the_process_nor_outlives_the_checkout(slow_name):
+    """Host names are looked up through gevent, inside the connect's deadline (both drivers).
+
+    libpq's own lookup (psycopg2) is a blocking getaddrinfo(): a DNS server that
+    takes seconds to answer froze every greenlet for that long, and checkouts
+    ended long after POOL_TIMEOUT.
+    """
+    alias, resolver = slow_name
+    ticks = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(monotonic())
+            gevent.sleep(0.05)
+
+    def request() -> tuple[float, BaseException | None]:
+        started = monotonic()
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            error = None
+        except BaseException as exc:
+            error = exc
+        finally:
+            connections[alias].close()
+        return monotonic() - started, error
+
+    watch = gevent.spawn(ticker)
+    try:
+        jobs = [gevent.spawn(request) for _ in range(6)]
+        gevent.joinall(jobs, timeout=30)
+    finally:
+        watch.kill()
+    outcomes = [job.value for job in jobs]
+    gaps = [ticks[i + 1] - ticks[i] for i in range(len(ticks) - 1)]
+    logger.info(
+        "slow lookup: outcomes %s; longest pause of the hub %.2fs",
+        [(round(d, 2), type(e).__name__) for d, e in outcomes],
+        max(gaps),
+    )
+    # The lookup went through gevent: the process kept running meanwhile.
+    assert resolver.lookups >= 1
+    assert max(gaps) < 1.0
+    for duration, error in outcomes:
+        assert isinstance(error, OperationalError), error
+        assert duration < 1.0 + 0.5, duration
+    # The name does resolve, slowly: with time enough the pool connects and serves.
+    resolver.delay = 0.2
+    wait_until(lambda: request()[1] is None, timeout=15)
+    stats = get_stats(alias)
+    assert stats["pool_size"] <= 3

@@ -201,7 +201,8 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
         # POOL_TIMEOUT; a peer that never answers is marked down like a refusing one.
         fallback = parse_pool_settings(self.alias, self.settings_dict).pool_timeout
         with ops.connect_deadline(params, fallback):
-            raw = super().get_new_connection(params)
+            # The name lookup too: inside the deadline, and never blocking the hub.
+            raw = super().get_new_connection(ops.resolve_hosts(params))
         try:
             if writable_required(self.settings_dict) and ops.read_only(raw):
                 # libpq checks target_session_attrs for the entry that sets it only
