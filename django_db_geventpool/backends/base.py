@@ -242,9 +242,11 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
         previous = self.connection
         self.connection = raw
         try:
-            return self._configure_connection(raw)  # type: ignore[attr-defined]
+            needs_commit = bool(self._configure_connection(raw))  # type: ignore[attr-defined]
         finally:
             self.connection = previous
+        # The pool's own session settings (psycopg2: the server ends abandoned queries).
+        return driver_ops().configure_session(raw) or needs_commit
 
     def init_connection_state(self) -> None:
         lease = self._pool_lease

@@ -23,6 +23,10 @@ __all__ = ["Psycopg3Ops", "Psycopg2Ops", "driver_ops"]
 
 logger = logging.getLogger(__name__)
 
+#: psycopg2 only: how often (ms) the server checks that the client of a running
+#: query is still there (see `Psycopg2Ops.configure_session`).
+CLIENT_CHECK_INTERVAL_MS = 1000
+
 
 def _gevent_patched(module: str) -> bool:
     monkey = sys.modules.get("gevent.monkey")
@@ -81,6 +85,10 @@ class _DBAPIOps:
         them up in Python, through the socket module gevent patched).
         """
         return params
+
+    def configure_session(self, raw: Any) -> bool:
+        """Session settings the pool needs on a new connection; True if a statement ran."""
+        return False
 
     @staticmethod
     def rollback(raw: Any) -> None:
@@ -280,10 +288,32 @@ class Psycopg2Ops(_DBAPIOps):
         with raw.cursor() as cursor:
             cursor.execute(sql)
 
+    def configure_session(self, raw: Any) -> bool:
+        """Make the server end a query whose client went away (PostgreSQL 14+).
+
+        psycopg2 closes a connection whose query was interrupted (a gevent.Timeout,
+        a kill) without cancelling the query, and its ``cancel()`` would block the
+        hub: the backend ran on to the end of the query, a server connection beyond
+        MAX_CONNS (measured: 6 backends for MAX_CONNS=2, for the 20 s of the
+        query). With ``client_connection_check_interval`` the server notices the
+        closed socket within that interval and ends the backend. A value the user
+        set (``options``, ALTER ROLE/DATABASE ... SET) is kept.
+        """
+        if raw.server_version < 140000:
+            return False
+        with raw.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('client_connection_check_interval', %s, false) "
+                "WHERE current_setting('client_connection_check_interval') = '0'",
+                (str(CLIENT_CHECK_INTERVAL_MS),),
+            )
+        return True
+
     @staticmethod
     def cancel(raw: Any) -> None:
         # psycopg2 closes a connection itself when its wait is interrupted, and
-        # its cancel() would block the hub while it connects: nothing to do.
+        # its cancel() would block the hub while it connects: the server ends the
+        # query itself (client_connection_check_interval, see configure_session).
         return None
 
 
