@@ -120,12 +120,17 @@ def _terminate_sessions(server: PostgresCluster) -> None:
 
 
 def _warm_up(count: int) -> list[int]:
-    """Check out ``count`` connections at once and give them back; their pids."""
+    """Check out ``count`` connections at once and give them back; their pids.
+
+    Each holds its connection until all ``count`` are checked out: one given back
+    earlier (a fixed pause) would serve a waiter in place of a second connection
+    whenever a connect is slower than the pause, on a loaded machine.
+    """
     pids = []
 
     def hold():
         pids.append(backend_pid(ALIAS))
-        gevent.sleep(0.02)
+        wait_until(lambda: len(pids) == count, timeout=30)
         connections[ALIAS].close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
