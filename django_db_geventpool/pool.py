@@ -935,15 +935,16 @@ class ConnectionPool:
         conn = self._end_lease(lease)
         if conn is None:
             return
-        clean = False
+        clean: bool | None = False
         try:
             clean = self._reset(conn)
         finally:
             # Not clean, or killed during the rollback or reset (it yields): its
-            # state is unknown either way.
+            # state is unknown either way. None: a canceller took it (and its slot).
             if not clean:
                 self._stats[RETURNS_BAD] += 1
-                self._close_and_release(conn)
+                if clean is not None:
+                    self._close_and_release(conn)
         if clean:
             self._give_back_idle(conn)
 
@@ -965,8 +966,12 @@ class ConnectionPool:
         logger.debug("pool %r: returned %r", self.name, conn.raw)
         return conn
 
-    def _reset(self, conn: PooledConnection) -> bool:
-        """Leave the connection idle and in autocommit; False if it must be closed."""
+    def _reset(self, conn: PooledConnection) -> bool | None:
+        """Leave the connection idle and in autocommit; False if it must be closed.
+
+        None: a query still runs; a greenlet of its own cancels it, then closes the
+        connection and frees its slot.
+        """
         driver, raw = self.driver, conn.raw
         if driver.is_closed(raw):
             return False
@@ -976,7 +981,11 @@ class ConnectionPool:
             if status not in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
                 logger.warning("pool %r: closing connection returned in %s state", self.name, name)
                 if status == TransactionStatus.ACTIVE:
-                    self._cancel_quietly(conn)
+                    # Not in the caller, an interrupted one: the cancel waits on the
+                    # server (seconds, if it is frozen). The slot stays taken until
+                    # the backend is gone.
+                    gevent.spawn(self._cancel_and_close, conn)
+                    return None
                 return False
             logger.warning(
                 "pool %r: connection returned in %s state; rolling back", self.name, name
@@ -1172,6 +1181,12 @@ class ConnectionPool:
             self.driver.cancel(conn.raw)
         except Exception as exc:
             logger.debug("pool %r: cancelling the running query failed: %s", self.name, exc)
+
+    def _cancel_and_close(self, conn: PooledConnection) -> None:
+        try:
+            self._cancel_quietly(conn)
+        finally:
+            self._close_and_release(conn)
 
     def _close_quietly(self, conn: PooledConnection) -> None:
         try:

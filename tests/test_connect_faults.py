@@ -21,7 +21,7 @@ from time import monotonic
 import gevent
 import gevent.server
 import pytest
-from django.db import OperationalError, connections
+from django.db import OperationalError, connections, transaction
 
 from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
@@ -381,3 +381,41 @@ def test_a_slow_name_lookup_neither_blocks_the_process_nor_outlives_the_checkout
     wait_until(lambda: request()[1] is None, timeout=15)
     stats = get_stats(alias)
     assert stats["pool_size"] <= 3
+
+
+def test_a_query_interrupted_on_a_frozen_server_reaches_the_caller_in_time(frozen_cluster):
+    """The cancel of an interrupted query never holds up the caller it interrupted.
+
+    psycopg 3's cancel request waits for the server (up to 5 s, frozen here): run
+    in the caller, a ``gevent.Timeout(0.5)`` reached it after 5.5 s. The slot stays
+    taken until the cancel is done, so the backend is counted in the cap meanwhile.
+    """
+    server, stopped = frozen_cluster
+    alias = "frozen"
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    pids = _server_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped.extend(pids)
+    started = monotonic()
+    with pytest.raises(gevent.Timeout):
+        try:
+            with gevent.Timeout(0.5):
+                with transaction.atomic(using=alias):
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute("SELECT 1")
+        finally:
+            connections[alias].close()
+    elapsed = monotonic() - started
+    logger.info("interrupted on a frozen server: the caller got its Timeout after %.2fs", elapsed)
+    assert elapsed < 0.5 + 1.0
+    assert get_stats(alias)["pool_size"] <= 1
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    stopped.clear()
+    # The cancel ends (answered, or at its own deadline) and frees the slot.
+    wait_until(lambda: get_stats(alias)["pool_size"] == 0, timeout=15)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connections[alias].close()

@@ -366,6 +366,8 @@ def test_dirty_return_is_rolled_back_or_closed(server, status, reused):
     raw.status = status
     raw.autocommit = False
     pool.checkin(lease)
+    # A running query (ACTIVE) is cancelled and closed by a greenlet of its own.
+    wait_until(lambda: pool.get_stats()["pool_size"] == (1 if reused else 0))
     assert raw.closed is not reused
     if reused:
         assert raw.rollbacks == 1
