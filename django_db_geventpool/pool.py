@@ -617,6 +617,13 @@ class ConnectionPool:
                 f"; connects to the server are failing, last error "
                 f"{monotonic() - self._last_connect_error_at:.1f}s ago: {error_text}"
             )
+        elif self._connecting and self._slots_used == self._connecting and not self._idle:
+            # Nothing in use: every slot is a connect the server has not answered yet.
+            cause = None
+            message += (
+                "; the server has not answered the connects yet (unreachable, or slow "
+                "to accept: see connect_timeout)"
+            )
         else:
             cause = None
             message += "; raise MAX_CONNS or POOL_TIMEOUT, or give connections back sooner"

@@ -419,3 +419,41 @@ def test_a_query_interrupted_on_a_frozen_server_reaches_the_caller_in_time(froze
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT 1")
     connections[alias].close()
+
+
+def test_a_timeout_while_connects_hang_names_the_server_not_the_load(silent_listener):
+    """Checkouts that time out while every slot is a connect still waiting on the server.
+
+    The message used to blame the load ("raise MAX_CONNS or POOL_TIMEOUT, or give
+    connections back sooner") with no connection in use at all.
+    """
+    server, accepted = silent_listener
+    alias = "silent_slow"
+    # The connects outlast the checkouts: no connect error is known when they end.
+    _add_alias(
+        alias,
+        HOST="127.0.0.1",
+        PORT=str(server.server_port),
+        OPTIONS={"MAX_CONNS": 3, "POOL_TIMEOUT": 1.0, "connect_timeout": 4},
+    )
+    try:
+        errors: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                connections[alias].ensure_connection()
+            except OperationalError as exc:
+                errors.append(exc)
+            finally:
+                connections[alias].close()
+
+        gevent.joinall([gevent.spawn(request) for _ in range(6)], timeout=30)
+        assert len(errors) == 6
+        assert accepted
+        for error in errors:
+            message = str(error)
+            assert "raise MAX_CONNS" not in message, message
+            assert "0 in use" in message, message
+            assert "not answered" in message, message
+    finally:
+        _drop_alias(alias)
