@@ -545,8 +545,10 @@ class ConnectionPool:
                 self._reconnect_pending = True
             self._close_quietly(conn)
             # Critical section: another idle connection may serve instead; else the
-            # slot goes to a connector and this checkout waits first in line.
-            if self._idle:
+            # slot goes to a connector and this checkout waits first in line. Not
+            # past the deadline (a frozen server spent it): a round trip with no time
+            # left would fail, and discard, a healthy connection.
+            if self._idle and monotonic() < deadline:
                 conn = self._idle.pop()
                 continue
             conn = None

@@ -457,3 +457,63 @@ def test_a_timeout_while_connects_hang_names_the_server_not_the_load(silent_list
             assert "not answered" in message, message
     finally:
         _drop_alias(alias)
+
+
+def test_a_frozen_backend_costs_one_connection_not_the_healthy_ones(frozen_cluster):
+    """One backend frozen among four idle connections, a round trip at every checkout.
+
+    The checkout that draws it spends its deadline on the round trip and loses that
+    connection. It used to go on to the next idle connection with the deadline
+    spent: a round trip bounded by 1 ms, which a healthy connection fails on a busy
+    machine, so one checkout could discard every idle connection of the pool. Now
+    a checkout past its deadline tries no other connection (counted: one round trip).
+    """
+    server, stopped = frozen_cluster
+    alias = "frozen"
+    held: list[int] = []
+    release_order: list[int] = []
+
+    def hold() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        held.append(pid)
+        wait_until(lambda: len(held) == 4, timeout=30)
+        # Give back in a known order: the frozen one last, so it is reused first (LIFO).
+        wait_until(lambda: release_order and release_order[0] == pid, timeout=30)
+        connections[alias].close()
+        release_order.pop(0)
+
+    workers = [gevent.spawn(hold) for _ in range(4)]
+    wait_until(lambda: len(held) == 4, timeout=30)
+    frozen_pid = held[0]
+    release_order.extend([*held[1:], frozen_pid])
+    gevent.joinall(workers, timeout=30, raise_error=True)
+    assert get_stats(alias)["pool_available"] == 4
+    os.kill(frozen_pid, signal.SIGSTOP)
+    stopped.append(frozen_pid)
+    before = get_stats(alias)
+
+    started = monotonic()
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except OperationalError:
+        pass  # at the deadline: served or PoolTimeout, either way is right
+    finally:
+        connections[alias].close()
+    elapsed = monotonic() - started
+    after = get_stats(alias)
+    logger.info("frozen backend: checkout ended after %.2fs; stats %s", elapsed, after)
+    assert elapsed < 1.0 + 0.5
+    assert after["connections_lost"] - before["connections_lost"] == 1
+    assert after["checks_roundtrip"] - before["checks_roundtrip"] == 1
+    # The three healthy connections are still in the pool, their backends alive.
+    healthy = set(held[1:])
+    alive = {
+        int(pid)
+        for pid in server.psql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = 'geventpool_test'"
+        ).split()
+    }
+    assert healthy <= alive
