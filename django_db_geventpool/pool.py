@@ -993,7 +993,7 @@ class ConnectionPool:
                     # Not in the caller, an interrupted one: the cancel waits on the
                     # server (seconds, if it is frozen). The slot stays taken until
                     # the backend is gone.
-                    gevent.spawn(self._cancel_and_close, conn)
+                    gevent.spawn(self._cancel_and_close, conn, self._pid)
                     return None
                 return False
             logger.warning(
@@ -1191,11 +1191,14 @@ class ConnectionPool:
         except Exception as exc:
             logger.debug("pool %r: cancelling the running query failed: %s", self.name, exc)
 
-    def _cancel_and_close(self, conn: PooledConnection) -> None:
+    def _cancel_and_close(self, conn: PooledConnection, pid: int) -> None:
+        """Cancel the running query, close, free the slot; ``pid``: the process it was taken in."""
         try:
             self._cancel_quietly(conn)
         finally:
-            self._close_and_release(conn)
+            # A child forked meanwhile forgot this slot (forget_after_fork).
+            if self._pid == pid:
+                self._close_and_release(conn)
 
     def _close_quietly(self, conn: PooledConnection) -> None:
         try:
