@@ -547,8 +547,10 @@ class ConnectionPool:
                 self._reconnect_pending = True
             self._close_quietly(conn)
             # Critical section: another idle connection may serve instead; else the
-            # slot goes to a connector and this checkout waits first in line.
-            if self._idle:
+            # slot goes to a connector and this checkout waits first in line. Not
+            # past the deadline (a frozen server spent it): a round trip with no time
+            # left would fail, and discard, a healthy connection.
+            if self._idle and monotonic() < deadline:
                 conn = self._idle.pop()
                 continue
             conn = None
@@ -618,6 +620,13 @@ class ConnectionPool:
             message += (
                 f"; connects to the server are failing, last error "
                 f"{monotonic() - self._last_connect_error_at:.1f}s ago: {error_text}"
+            )
+        elif self._connecting and self._slots_used == self._connecting and not self._idle:
+            # Nothing in use: every slot is a connect the server has not answered yet.
+            cause = None
+            message += (
+                "; the server has not answered the connects yet (unreachable, or slow "
+                "to accept: see connect_timeout)"
             )
         else:
             cause = None
@@ -938,15 +947,16 @@ class ConnectionPool:
         conn = self._end_lease(lease)
         if conn is None:
             return
-        clean = False
+        clean: bool | None = False
         try:
             clean = self._reset(conn)
         finally:
             # Not clean, or killed during the rollback or reset (it yields): its
-            # state is unknown either way.
+            # state is unknown either way. None: a canceller took it (and its slot).
             if not clean:
                 self._stats[RETURNS_BAD] += 1
-                self._close_and_release(conn)
+                if clean is not None:
+                    self._close_and_release(conn)
         if clean:
             self._give_back_idle(conn)
 
@@ -968,8 +978,12 @@ class ConnectionPool:
         logger.debug("pool %r: returned %r", self.name, conn.raw)
         return conn
 
-    def _reset(self, conn: PooledConnection) -> bool:
-        """Leave the connection idle and in autocommit; False if it must be closed."""
+    def _reset(self, conn: PooledConnection) -> bool | None:
+        """Leave the connection idle and in autocommit; False if it must be closed.
+
+        None: a query still runs; a greenlet of its own cancels it, then closes the
+        connection and frees its slot.
+        """
         driver, raw = self.driver, conn.raw
         if driver.is_closed(raw):
             return False
@@ -979,7 +993,11 @@ class ConnectionPool:
             if status not in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
                 logger.warning("pool %r: closing connection returned in %s state", self.name, name)
                 if status == TransactionStatus.ACTIVE:
-                    self._cancel_quietly(conn)
+                    # Not in the caller, an interrupted one: the cancel waits on the
+                    # server (seconds, if it is frozen). The slot stays taken until
+                    # the backend is gone.
+                    gevent.spawn(self._cancel_and_close, conn, self._pid)
+                    return None
                 return False
             logger.warning(
                 "pool %r: connection returned in %s state; rolling back", self.name, name
@@ -1175,6 +1193,15 @@ class ConnectionPool:
             self.driver.cancel(conn.raw)
         except Exception as exc:
             logger.debug("pool %r: cancelling the running query failed: %s", self.name, exc)
+
+    def _cancel_and_close(self, conn: PooledConnection, pid: int) -> None:
+        """Cancel the running query, close, free the slot; ``pid``: the process it was taken in."""
+        try:
+            self._cancel_quietly(conn)
+        finally:
+            # A child forked meanwhile forgot this slot (forget_after_fork).
+            if self._pid == pid:
+                self._close_and_release(conn)
 
     def _close_quietly(self, conn: PooledConnection) -> None:
         try:

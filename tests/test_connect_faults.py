@@ -21,7 +21,7 @@ from time import monotonic
 import gevent
 import gevent.server
 import pytest
-from django.db import OperationalError, connections
+from django.db import OperationalError, connections, transaction
 
 from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
@@ -282,3 +282,238 @@ def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
     wait_until(lambda: get_stats(alias)["pool_opening"] == 0, timeout=10)
     hold_all()
     assert get_stats(alias)["pool_size"] <= 4
+
+
+class _SlowResolver:
+    """gevent's resolver, except that one name takes ``delay`` s to resolve (to 127.0.0.1).
+
+    It sits at gevent's own seam (``hub.resolver``), where every lookup made
+    through the patched socket module goes: a lookup libpq makes itself (a
+    blocking ``getaddrinfo()`` in C) never reaches it.
+    """
+
+    def __init__(self, real, name: str, delay: float) -> None:
+        self.real = real
+        self.name = name
+        self.delay = delay
+        self.lookups = 0
+
+    def getaddrinfo(self, host, port, *args, **kwargs):
+        if host == self.name:
+            self.lookups += 1
+            gevent.sleep(self.delay)
+            host = "127.0.0.1"
+        return self.real.getaddrinfo(host, port, *args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self.real, attr)
+
+
+@pytest.fixture
+def slow_name(cluster):
+    """A host name whose lookup takes 3 s (cooperatively), then gives the test server."""
+    hub = gevent.get_hub()
+    real = hub.resolver
+    resolver = _SlowResolver(real, "geventpool-slow-dns.invalid", 3.0)
+    hub.resolver = resolver
+    alias = "slow_dns"
+    _add_alias(
+        alias,
+        HOST=resolver.name,
+        PORT=str(cluster.port),
+        OPTIONS={"MAX_CONNS": 3, "POOL_TIMEOUT": 1.0, "application_name": "geventpool-slow-dns"},
+    )
+    try:
+        yield alias, resolver
+    finally:
+        _drop_alias(alias)
+        hub.resolver = real
+
+
+def test_a_slow_name_lookup_neither_blocks_the_process_nor_outlives_the_checkout(slow_name):
+    """Host names are looked up through gevent, inside the connect's deadline (both drivers).
+
+    libpq's own lookup (psycopg2) is a blocking getaddrinfo(): a DNS server that
+    takes seconds to answer froze every greenlet for that long, and checkouts
+    ended long after POOL_TIMEOUT.
+    """
+    alias, resolver = slow_name
+    ticks = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(monotonic())
+            gevent.sleep(0.05)
+
+    def request() -> tuple[float, BaseException | None]:
+        started = monotonic()
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            error = None
+        except BaseException as exc:
+            error = exc
+        finally:
+            connections[alias].close()
+        return monotonic() - started, error
+
+    watch = gevent.spawn(ticker)
+    try:
+        jobs = [gevent.spawn(request) for _ in range(6)]
+        gevent.joinall(jobs, timeout=30)
+    finally:
+        watch.kill()
+    outcomes = [job.value for job in jobs]
+    gaps = [ticks[i + 1] - ticks[i] for i in range(len(ticks) - 1)]
+    logger.info(
+        "slow lookup: outcomes %s; longest pause of the hub %.2fs",
+        [(round(d, 2), type(e).__name__) for d, e in outcomes],
+        max(gaps),
+    )
+    # The lookup went through gevent: the process kept running meanwhile.
+    assert resolver.lookups >= 1
+    assert max(gaps) < 1.0
+    for duration, error in outcomes:
+        assert isinstance(error, OperationalError), error
+        assert duration < 1.0 + 0.5, duration
+    # The name does resolve, slowly: with time enough the pool connects and serves.
+    resolver.delay = 0.2
+    wait_until(lambda: request()[1] is None, timeout=15)
+    stats = get_stats(alias)
+    assert stats["pool_size"] <= 3
+
+
+def test_a_query_interrupted_on_a_frozen_server_reaches_the_caller_in_time(frozen_cluster):
+    """The cancel of an interrupted query never holds up the caller it interrupted.
+
+    psycopg 3's cancel request waits for the server (up to 5 s, frozen here): run
+    in the caller, a ``gevent.Timeout(0.5)`` reached it after 5.5 s. The slot stays
+    taken until the cancel is done, so the backend is counted in the cap meanwhile.
+    """
+    server, stopped = frozen_cluster
+    alias = "frozen"
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    pids = _server_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped.extend(pids)
+    started = monotonic()
+    with pytest.raises(gevent.Timeout):
+        try:
+            with gevent.Timeout(0.5):
+                with transaction.atomic(using=alias):
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute("SELECT 1")
+        finally:
+            connections[alias].close()
+    elapsed = monotonic() - started
+    logger.info("interrupted on a frozen server: the caller got its Timeout after %.2fs", elapsed)
+    assert elapsed < 0.5 + 1.0
+    assert get_stats(alias)["pool_size"] <= 1
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    stopped.clear()
+    # The cancel ends (answered, or at its own deadline) and frees the slot.
+    wait_until(lambda: get_stats(alias)["pool_size"] == 0, timeout=15)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connections[alias].close()
+
+
+def test_a_timeout_while_connects_hang_names_the_server_not_the_load(silent_listener):
+    """Checkouts that time out while every slot is a connect still waiting on the server.
+
+    The message used to blame the load ("raise MAX_CONNS or POOL_TIMEOUT, or give
+    connections back sooner") with no connection in use at all.
+    """
+    server, accepted = silent_listener
+    alias = "silent_slow"
+    # The connects outlast the checkouts: no connect error is known when they end.
+    _add_alias(
+        alias,
+        HOST="127.0.0.1",
+        PORT=str(server.server_port),
+        OPTIONS={"MAX_CONNS": 3, "POOL_TIMEOUT": 1.0, "connect_timeout": 4},
+    )
+    try:
+        errors: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                connections[alias].ensure_connection()
+            except OperationalError as exc:
+                errors.append(exc)
+            finally:
+                connections[alias].close()
+
+        gevent.joinall([gevent.spawn(request) for _ in range(6)], timeout=30)
+        assert len(errors) == 6
+        assert accepted
+        for error in errors:
+            message = str(error)
+            assert "raise MAX_CONNS" not in message, message
+            assert "0 in use" in message, message
+            assert "not answered" in message, message
+    finally:
+        _drop_alias(alias)
+
+
+def test_a_frozen_backend_costs_one_connection_not_the_healthy_ones(frozen_cluster):
+    """One backend frozen among four idle connections, a round trip at every checkout.
+
+    The checkout that draws it spends its deadline on the round trip and loses that
+    connection. It used to go on to the next idle connection with the deadline
+    spent: a round trip bounded by 1 ms, which a healthy connection fails on a busy
+    machine, so one checkout could discard every idle connection of the pool. Now
+    a checkout past its deadline tries no other connection (counted: one round trip).
+    """
+    server, stopped = frozen_cluster
+    alias = "frozen"
+    held: list[int] = []
+    release_order: list[int] = []
+
+    def hold() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        held.append(pid)
+        wait_until(lambda: len(held) == 4, timeout=30)
+        # Give back in a known order: the frozen one last, so it is reused first (LIFO).
+        wait_until(lambda: release_order and release_order[0] == pid, timeout=30)
+        connections[alias].close()
+        release_order.pop(0)
+
+    workers = [gevent.spawn(hold) for _ in range(4)]
+    wait_until(lambda: len(held) == 4, timeout=30)
+    frozen_pid = held[0]
+    release_order.extend([*held[1:], frozen_pid])
+    gevent.joinall(workers, timeout=30, raise_error=True)
+    assert get_stats(alias)["pool_available"] == 4
+    os.kill(frozen_pid, signal.SIGSTOP)
+    stopped.append(frozen_pid)
+    before = get_stats(alias)
+
+    started = monotonic()
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except OperationalError:
+        pass  # at the deadline: served or PoolTimeout, either way is right
+    finally:
+        connections[alias].close()
+    elapsed = monotonic() - started
+    after = get_stats(alias)
+    logger.info("frozen backend: checkout ended after %.2fs; stats %s", elapsed, after)
+    assert elapsed < 1.0 + 0.5
+    assert after["connections_lost"] - before["connections_lost"] == 1
+    assert after["checks_roundtrip"] - before["checks_roundtrip"] == 1
+    # The three healthy connections are still in the pool, their backends alive.
+    healthy = set(held[1:])
+    alive = {
+        int(pid)
+        for pid in server.psql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = 'geventpool_test'"
+        ).split()
+    }
+    assert healthy <= alive

@@ -166,3 +166,36 @@ def test_interrupted_atomic_blocks_raise_the_interruption_itself(configure_pool,
 
     gevent.joinall([gevent.spawn(hold) for _ in range(MAX_CONNS)], timeout=20, raise_error=True)
     assert len(holding) == MAX_CONNS
+
+
+def test_an_interrupted_long_query_leaves_no_server_connection_beyond_the_cap(configure_pool):
+    """Six long queries, each interrupted, one after the other, with MAX_CONNS=2.
+
+    The pool frees an interrupted connection's slot at once; the query must not run
+    on in the server meanwhile, or the next connections add up beyond the cap.
+    psycopg 3 cancels it on return; psycopg2 cannot without blocking the hub, so
+    its sessions ask the server to end a query whose client went away
+    (``client_connection_check_interval``). Before that, six backends of a
+    two-connection pool ran their ``pg_sleep(60)`` to the end.
+    """
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=10.0)
+    interrupted = 0
+    with ServerConnectionSampler(interval=0.05) as sampler:
+        for _ in range(6):
+            try:
+                with gevent.Timeout(0.5):
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_sleep(60)")
+            except gevent.Timeout:
+                interrupted += 1
+            finally:
+                connection.close()
+        sampler.stop()
+        # Generous: the server checks every second; a loaded machine may add more.
+        left = sampler.wait_for(0, timeout=20)
+    logger.info("interrupted long queries: peak %d server connections", sampler.peak)
+    assert interrupted == 6
+    assert left == 0
+    # Each backend ended about a check interval after its query was interrupted.
+    assert sampler.peak < 6
+    assert get_stats()["pool_size"] == 0

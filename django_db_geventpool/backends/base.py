@@ -201,7 +201,8 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
         # POOL_TIMEOUT; a peer that never answers is marked down like a refusing one.
         fallback = parse_pool_settings(self.alias, self.settings_dict).pool_timeout
         with ops.connect_deadline(params, fallback):
-            raw = super().get_new_connection(params)
+            # The name lookup too: inside the deadline, and never blocking the hub.
+            raw = super().get_new_connection(ops.resolve_hosts(params))
         try:
             if writable_required(self.settings_dict) and ops.read_only(raw):
                 # libpq checks target_session_attrs for the entry that sets it only
@@ -241,9 +242,11 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
         previous = self.connection
         self.connection = raw
         try:
-            return self._configure_connection(raw)  # type: ignore[attr-defined]
+            needs_commit = bool(self._configure_connection(raw))  # type: ignore[attr-defined]
         finally:
             self.connection = previous
+        # The pool's own session settings (psycopg2: the server ends abandoned queries).
+        return driver_ops().configure_session(raw) or needs_commit
 
     def init_connection_state(self) -> None:
         lease = self._pool_lease

@@ -9,8 +9,10 @@ blocking it (`ensure_cooperative`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +22,10 @@ from django.core.exceptions import ImproperlyConfigured
 __all__ = ["Psycopg3Ops", "Psycopg2Ops", "driver_ops"]
 
 logger = logging.getLogger(__name__)
+
+#: psycopg2 only: how often (ms) the server checks that the client of a running
+#: query is still there (see `Psycopg2Ops.configure_session`).
+CLIENT_CHECK_INTERVAL_MS = 1000
 
 
 def _gevent_patched(module: str) -> bool:
@@ -71,6 +77,18 @@ class _DBAPIOps:
             raise self.connect_errors[0](f"connection timeout expired ({what})") from None
         finally:
             deadline.close()
+
+    def resolve_hosts(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The connection parameters, with host names resolved without blocking the hub.
+
+        The default: the driver resolves names itself, cooperatively (psycopg 3 looks
+        them up in Python, through the socket module gevent patched).
+        """
+        return params
+
+    def configure_session(self, raw: Any) -> bool:
+        """Session settings the pool needs on a new connection; True if a statement ran."""
+        return False
 
     @staticmethod
     def rollback(raw: Any) -> None:
@@ -188,6 +206,59 @@ class Psycopg2Ops(_DBAPIOps):
         patch_psycopg()
         logger.info("installed psycogreen's gevent wait callback for psycopg2")
 
+    def resolve_hosts(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Look host names up through gevent (``hostaddr``), never in libpq.
+
+        libpq resolves a host name with a blocking ``getaddrinfo()`` before its
+        non-blocking connect starts, so a slow DNS server would freeze every greenlet
+        of the process (measured: 15 s for 5 connects to a name whose DNS server
+        never answered). Looked up here, through the socket module gevent patched,
+        the lookup yields and the connect deadline bounds it. Each name becomes one
+        entry per address (as psycopg 3 does), ``host`` kept for TLS and passfile;
+        names that do not resolve are dropped, and if none resolves the error is
+        libpq's. Parameters that already set ``hostaddr`` are left alone.
+        """
+        host = params.get("host")
+        if not host or params.get("hostaddr"):
+            return params
+        hosts = str(host).split(",")
+        ports = str(params.get("port") or "").split(",")
+        if len(ports) == 1:
+            ports *= len(hosts)
+        elif len(ports) != len(hosts):
+            return params  # libpq reports the mismatch
+        new_hosts: list[str] = []
+        new_addrs: list[str] = []
+        new_ports: list[str] = []
+        failure: OSError | None = None
+        failed_name = ""
+        for name, port in zip(hosts, ports, strict=True):
+            if _needs_lookup(name):
+                try:
+                    infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    failure, failed_name = exc, name
+                    continue
+                addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            else:
+                addresses = [""]  # a socket directory or an address: nothing to look up
+            for address in addresses:
+                new_hosts.append(name)
+                new_addrs.append(address)
+                new_ports.append(port)
+        if not new_hosts:
+            assert failure is not None
+            reason = failure.strerror or str(failure)
+            raise self.connect_errors[0](
+                f'could not translate host name "{failed_name}" to address: {reason}'
+            )
+        if not any(new_addrs):
+            return params
+        resolved = {**params, "host": ",".join(new_hosts), "hostaddr": ",".join(new_addrs)}
+        if params.get("port"):
+            resolved["port"] = ",".join(new_ports)
+        return resolved
+
     @staticmethod
     def read_only(raw: Any) -> bool:
         """The server said (ParameterStatus, PostgreSQL 14+) that it refuses writes."""
@@ -217,11 +288,44 @@ class Psycopg2Ops(_DBAPIOps):
         with raw.cursor() as cursor:
             cursor.execute(sql)
 
+    def configure_session(self, raw: Any) -> bool:
+        """Make the server end a query whose client went away (PostgreSQL 14+).
+
+        psycopg2 closes a connection whose query was interrupted (a gevent.Timeout,
+        a kill) without cancelling the query, and its ``cancel()`` would block the
+        hub: the backend ran on to the end of the query, a server connection beyond
+        MAX_CONNS (measured: 6 backends for MAX_CONNS=2, for the 20 s of the
+        query). With ``client_connection_check_interval`` the server notices the
+        closed socket within that interval and ends the backend. A value the user
+        set (``options``, ALTER ROLE/DATABASE ... SET) is kept.
+        """
+        if raw.server_version < 140000:
+            return False
+        with raw.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('client_connection_check_interval', %s, false) "
+                "WHERE current_setting('client_connection_check_interval') = '0'",
+                (str(CLIENT_CHECK_INTERVAL_MS),),
+            )
+        return True
+
     @staticmethod
     def cancel(raw: Any) -> None:
         # psycopg2 closes a connection itself when its wait is interrupted, and
-        # its cancel() would block the hub while it connects: nothing to do.
+        # its cancel() would block the hub while it connects: the server ends the
+        # query itself (client_connection_check_interval, see configure_session).
         return None
+
+
+def _needs_lookup(host: str) -> bool:
+    """True for a host name; False for a socket directory (or abstract socket) or an address."""
+    if not host or host.startswith(("/", "@")):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
 
 
 _driver_ops: Psycopg3Ops | Psycopg2Ops | None = None

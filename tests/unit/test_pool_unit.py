@@ -6,6 +6,7 @@ server going away looks like to the pool's local health check.
 
 from __future__ import annotations
 
+import os
 import socket
 from time import monotonic
 
@@ -33,6 +34,7 @@ class FakeConnection:
         self.executed: list[str] = []
         self.fail_rollback = False
         self.rollback_delay = 0.0
+        self.cancel_delay = 0.0
         self.cancelled = False
 
     def server_goes_away(self) -> None:
@@ -78,6 +80,8 @@ class FakeDriver:
         raw.close()
 
     def cancel(self, raw: FakeConnection) -> None:
+        if raw.cancel_delay:
+            gevent.sleep(raw.cancel_delay)
         raw.cancelled = True
 
 
@@ -366,6 +370,8 @@ def test_dirty_return_is_rolled_back_or_closed(server, status, reused):
     raw.status = status
     raw.autocommit = False
     pool.checkin(lease)
+    # A running query (ACTIVE) is cancelled and closed by a greenlet of its own.
+    wait_until(lambda: pool.get_stats()["pool_size"] == (1 if reused else 0))
     assert raw.closed is not reused
     if reused:
         assert raw.rollbacks == 1
@@ -611,3 +617,35 @@ def test_greenlet_killed_while_its_return_rolls_back_loses_no_slot(server):
     again = pool.checkout(server.open)  # the slot is free again, no PoolTimeout
     assert again.connection is not raw
     pool.checkin(again)
+
+
+def test_a_cancel_that_ends_in_a_forked_child_frees_no_slot_there(server):
+    """A query cancelled at return (in a greenlet of its own) while the process forks.
+
+    The child forgets the parent's slots (``forget_after_fork``); the cancelling
+    greenlet, which the child inherits, must not free the slot a second time there.
+    """
+    pool = make_pool()
+    lease = pool.checkout(server.open)
+    raw = lease.connection
+    raw.status = TransactionStatus.ACTIVE
+    raw.cancel_delay = 0.2
+    pool.checkin(lease)  # the cancel runs on, in its own greenlet
+    assert pool.get_stats()["pool_size"] == 1
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            errors = []
+            hub = gevent.get_hub()
+            hub.handle_error = lambda *args: errors.append(args)
+            wait_until(lambda: raw.cancelled, timeout=10)
+            gevent.sleep(0.05)
+            code = 0 if not errors and pool.get_stats()["pool_size"] == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0
+    # The parent: cancelled, closed, slot free.
+    wait_until(lambda: pool.get_stats()["pool_size"] == 0)
+    assert raw.cancelled and raw.closed
