@@ -135,6 +135,16 @@ def test_a_checkout_unused_before_a_wait_goes_back(tx_pool):
     cursor.close()
 
 
+def test_is_usable_gives_the_checkout_back(tx_pool):
+    """is_usable() runs a statement of its own: a use like any other, released after it."""
+    tx_pool(MAX_CONNS=1)
+    connection.ensure_connection()
+    assert connection.is_usable()  # no wait in between: the checkout is still held
+    assert held() == 0
+    assert not connection.is_usable()  # nothing held: no connection to test (as Django says)
+    pid_of_statement()
+    assert held() == 0
+
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
     # The contrast that makes the test above meaningful.
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.5)
@@ -269,6 +279,19 @@ def test_rolled_back_atomic_gives_back_and_drops_callbacks(tx_pool):
     assert seen == [] and held() == 0
     assert not Item.objects.filter(name="pm-rolled-back").exists()
 
+
+def test_an_on_commit_callback_that_raises_still_gives_back(tx_pool):
+    """The commit is done when a callback raises: the connection goes back all the same."""
+    tx_pool(MAX_CONNS=1)
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            Item.objects.create(name="pm-callback-raises")
+            transaction.on_commit(lambda: 1 / 0)
+    assert held() == 0
+    assert Item.objects.filter(name="pm-callback-raises").count() == 1
+    # Another greenlet gets the only connection (MAX_CONNS=1, POOL_TIMEOUT=2).
+    assert gevent.spawn(run, pid_of_statement).get(timeout=10)
+    assert held() == 0
 
 def test_manual_transactions_hold_until_autocommit_is_back(tx_pool):
     tx_pool()

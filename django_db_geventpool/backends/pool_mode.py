@@ -400,11 +400,14 @@ class PoolModeMixin(PoolModeSwitch):
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
         was_on = self.autocommit
-        super().set_autocommit(autocommit, *args, **kwargs)
-        if autocommit and not was_on:
-            # The outermost atomic() ended (its on_commit callbacks ran inside
-            # super()), or a manual transaction did.
-            self._release_if_idle(None)
+        try:
+            super().set_autocommit(autocommit, *args, **kwargs)
+        finally:
+            if autocommit and not was_on:
+                # The outermost atomic() ended (its on_commit callbacks ran inside
+                # super(), and one of them may have raised: the commit is done all
+                # the same), or a manual transaction did.
+                self._release_if_idle(None)
 
     # Django's own I/O on the connection outside a cursor statement: the
     # connection is in use meanwhile (a release queued earlier must wait).
@@ -419,7 +422,10 @@ class PoolModeMixin(PoolModeSwitch):
         self._while_in_use(super()._rollback)  # type: ignore[misc]
 
     def is_usable(self) -> bool:
-        return self._while_in_use(super().is_usable)
+        usable = self._while_in_use(super().is_usable)
+        # Its test statement is a use like any other: it ends here.
+        self._release_if_idle(None)
+        return usable
 
     def _while_in_use(self, call: Callable[..., _T], *args: Any) -> _T:
         """``call(*args)``, with the connection counted in use meanwhile."""
