@@ -145,6 +145,7 @@ def test_is_usable_gives_the_checkout_back(tx_pool):
     pid_of_statement()
     assert held() == 0
 
+
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
     # The contrast that makes the test above meaningful.
     configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.5)
@@ -293,6 +294,7 @@ def test_an_on_commit_callback_that_raises_still_gives_back(tx_pool):
     assert gevent.spawn(run, pid_of_statement).get(timeout=10)
     assert held() == 0
 
+
 def test_manual_transactions_hold_until_autocommit_is_back(tx_pool):
     tx_pool()
     transaction.set_autocommit(False)
@@ -331,6 +333,49 @@ def test_a_cursor_taken_before_a_release_stays_usable(tx_pool):
     assert first_pid != second_pid  # each statement got a new connection
     cursor.close()
     assert get_stats()["requests_errors"] == 0
+
+
+def test_the_rows_of_every_cursor_stay_readable_after_a_release(tx_pool):
+    """Not only the last statement's: a cursor read after later statements, or after atomic()."""
+    # REUSE_CONNS=0: every returned connection is closed.
+    tx_pool(MAX_CONNS=1, REUSE_CONNS=0)
+    first = connection.cursor()
+    first.execute("SELECT g FROM generate_series(1, 3) g")
+    with transaction.atomic():
+        in_atomic = connection.cursor()
+        in_atomic.execute("SELECT 'atomic'")
+    last = connection.cursor()
+    last.execute("SELECT 'last'")
+    assert held() == 0
+    assert first.fetchone() == (1,)
+    assert in_atomic.fetchall() == [("atomic",)]
+    assert last.fetchall() == [("last",)]
+    assert first.fetchall() == [(2,), (3,)]
+    # A statement that ends an atomic() block: the release comes from the block's end.
+    with transaction.atomic():
+        ending = connection.cursor()
+        ending.execute("SELECT 'end of block'")
+    assert held() == 0
+    assert ending.fetchone() == ("end of block",)
+    for cursor in (first, in_atomic, last, ending):
+        cursor.close()
+    assert get_stats()["requests_errors"] == 0
+
+
+@pytest.mark.parametrize("reuse_conns", [1, 0], ids=["reused", "closed-on-return"])
+def test_iterating_a_cursor_across_releases_reads_every_row(tx_pool, reuse_conns):
+    """``for row in cursor`` with a wait in the loop: every row, whatever the pool did meanwhile."""
+    tx_pool(MAX_CONNS=1, REUSE_CONNS=reuse_conns)
+    values, held_in_loop = [], []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT g FROM generate_series(1, 5) g")
+        for (value,) in cursor:
+            values.append(value)
+            held_in_loop.append(held())  # a wait: the connection goes back
+            pid_of_statement()  # and another statement takes one
+    assert values == [1, 2, 3, 4, 5]
+    assert set(held_in_loop) == {0}
+    assert held() == 0
 
 
 def test_a_cursor_from_an_atomic_block_runs_on_the_next_connection(tx_pool):

@@ -138,6 +138,23 @@ class _ReleasingCursor:
         db._release_if_idle(self)
         return result
 
+    def __iter__(self) -> Any:
+        if self._server_side or not self.db._buffers_results:
+            return super().__iter__()  # type: ignore[misc]
+        return self._rows_read_one_by_one()
+
+    def _rows_read_one_by_one(self) -> Any:
+        # Django's __iter__ iterates the driver cursor it starts with; a release
+        # between two rows (a wait in the loop) reads the rest into memory and
+        # swaps that in (`_FetchedRows`): each row comes from whichever holds them now.
+        wrap_errors = self.db.wrap_database_errors
+        while True:
+            with wrap_errors:
+                row = self.cursor.fetchone()  # type: ignore[has-type]
+            if row is None:
+                return
+            yield row
+
     def close(self) -> None:
         try:
             self.cursor.close()
@@ -216,6 +233,17 @@ class _FetchedRows:
 
     def close(self) -> None:
         self._cursor.close()
+
+
+def _read_rows_now(cursor: Any) -> None:
+    """Give ``cursor`` (a Django cursor wrapper) its result's rows in memory (`_FetchedRows`)."""
+    raw_cursor = cursor.cursor
+    if (
+        not isinstance(raw_cursor, _FetchedRows)
+        and not raw_cursor.closed
+        and raw_cursor.description is not None
+    ):
+        cursor.cursor = _FetchedRows(raw_cursor)
 
 
 @functools.cache
@@ -331,9 +359,11 @@ class PoolModeMixin(PoolModeSwitch):
     _server_cursors: weakref.WeakSet[Any] | None = None
     # Uses in progress (a statement, a checkout's set-up): never released meanwhile.
     _in_use = 0
-    # The lease whose release is queued in the hub, and the cursor of its last statement.
+    # The lease whose release is queued in the hub.
     _release_scheduled: Any = None
-    _last_cursor: Any = None
+    # psycopg2: the cursors that ran a statement on this checkout, whose rows are
+    # read into memory before it goes back (weak: a dropped cursor needs nothing).
+    _cursors_with_rows: weakref.WeakSet[Any] | None = None
 
     # -- the raw connection: reading it from outside Django pins it -----------
 
@@ -481,9 +511,17 @@ class PoolModeMixin(PoolModeSwitch):
         greenlet that waits holds nothing.
         """
         lease = self._pool_lease
-        if lease is None or not self._releasable():
+        if lease is None:
             return
-        self._last_cursor = None if cursor is None else weakref.ref(cursor)
+        if cursor is not None and self._buffers_results:
+            # Noted even inside a transaction: the rows of a statement run in
+            # atomic() may be read after the block's end gave the connection back.
+            cursors = self._cursors_with_rows
+            if cursors is None:
+                cursors = self._cursors_with_rows = weakref.WeakSet()
+            cursors.add(cursor)
+        if not self._releasable():
+            return
         if self._release_scheduled is not lease:
             self._release_scheduled = lease
             get_hub().loop.run_callback(self._release_when_idle, lease)
@@ -499,16 +537,10 @@ class PoolModeMixin(PoolModeSwitch):
                 # Talking to the server through a path we do not count: keep it (the
                 # next statement's end, or the request end, gives it back).
                 return
-            last, self._last_cursor = self._last_cursor, None
-            cursor = last() if last is not None else None
-            if cursor is not None and self._buffers_results:
-                raw_cursor = cursor.cursor
-                if (
-                    not isinstance(raw_cursor, _FetchedRows)
-                    and not raw_cursor.closed
-                    and raw_cursor.description is not None
-                ):
-                    cursor.cursor = _FetchedRows(raw_cursor)
+            cursors = self._cursors_with_rows
+            if cursors:
+                for cursor in list(cursors):
+                    _read_rows_now(cursor)
             self._end_pool_mode_checkout()
             self._pool_lease = None
             self.connection = None
@@ -529,7 +561,7 @@ class PoolModeMixin(PoolModeSwitch):
         self._releasing = False
         self._raw_pinned = False
         self._server_cursors = None
-        self._last_cursor = None
+        self._cursors_with_rows = None
 
     def _announce_server_connection(self, raw: Any) -> None:
         """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
