@@ -150,7 +150,7 @@ class _ReleasingCursor:
         wrap_errors = self.db.wrap_database_errors
         while True:
             with wrap_errors:
-                row = self.cursor.fetchone()  # type: ignore[has-type]
+                row = self.cursor.fetchone()
             if row is None:
                 return
             yield row
