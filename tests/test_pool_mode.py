@@ -512,6 +512,43 @@ def test_connection_created_once_per_server_connection(tx_pool):
     assert set(pids) <= set(received)
 
 
+def test_connection_created_receivers_that_look_the_alias_up(tx_pool):
+    """django.contrib.postgres's receiver queries through ``connections[alias]``, not its argument.
+
+    The signal is sent in the pool's connector greenlet: ``connections[alias]``
+    there must be the wrapper pointing at the new connection, or the receiver
+    checks out another connection while the first is still being opened (with
+    MAX_CONNS=1, until POOL_TIMEOUT; every connect, so nothing ever works).
+    """
+    from django.contrib.postgres import signals as postgres_signals
+    from django.db import connections
+
+    tx_pool(MAX_CONNS=1)
+    seen = []
+
+    def receiver(sender, connection, **kwargs):
+        assert connections[connection.alias] is connection
+        with connections[connection.alias].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            seen.append(cursor.fetchone()[0])
+
+    # What INSTALLED_APPS = [..., "django.contrib.postgres"] connects, from a cold cache.
+    postgres_signals.get_hstore_oids.cache_clear()
+    postgres_signals.get_citext_oids.cache_clear()
+    connection_created.connect(postgres_signals.register_type_handlers)
+    connection_created.connect(receiver)
+    try:
+        pid = pid_of_statement()
+    finally:
+        connection_created.disconnect(receiver)
+        connection_created.disconnect(postgres_signals.register_type_handlers)
+        postgres_signals.get_hstore_oids.cache_clear()
+        postgres_signals.get_citext_oids.cache_clear()
+    assert seen == [pid]  # run once, on the new connection
+    stats = get_stats()
+    assert stats["connections_num"] == 1 and stats["requests_errors"] == 0
+    assert held() == 0
+
 def test_session_time_zone(tx_pool):
     from django.db import connections
 

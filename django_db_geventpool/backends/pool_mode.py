@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
 from gevent import get_hub, spawn
@@ -564,11 +565,21 @@ class PoolModeMixin(PoolModeSwitch):
         self._cursors_with_rows = None
 
     def _announce_server_connection(self, raw: Any) -> None:
-        """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
+        """Send ``connection_created`` for a new server connection, the wrapper pointing at it.
+
+        It runs in the pool's connector greenlet, where ``connections[alias]``
+        is this wrapper meanwhile: receivers that look the alias up rather than
+        use their argument (``django.contrib.postgres`` reads type OIDs through
+        ``connections[alias].cursor()``) query the new connection too, instead
+        of checking out another one while this one is still being opened.
+        """
         previous, self.connection = self._raw_connection, raw
         releasing, self._releasing = self._releasing, False
+        greenlets_own = connections[self.alias]
+        connections[self.alias] = self
         try:
             connection_created.send(sender=self._session_class, connection=self)
         finally:
+            connections[self.alias] = greenlets_own
             self.connection = previous
             self._releasing = releasing
