@@ -549,6 +549,7 @@ def test_connection_created_receivers_that_look_the_alias_up(tx_pool):
     assert stats["connections_num"] == 1 and stats["requests_errors"] == 0
     assert held() == 0
 
+
 def test_session_time_zone(tx_pool):
     from django.db import connections
 
