@@ -142,19 +142,21 @@ class _ReleasingCursor:
     def __iter__(self) -> Any:
         if self._server_side or not self.db._buffers_results:
             return super().__iter__()  # type: ignore[misc]
-        return self._rows_read_one_by_one()
+        return self._rows_across_releases()
 
-    def _rows_read_one_by_one(self) -> Any:
+    def _rows_across_releases(self) -> Any:
         # Django's __iter__ iterates the driver cursor it starts with; a release
         # between two rows (a wait in the loop) reads the rest into memory and
-        # swaps that in (`_FetchedRows`): each row comes from whichever holds them now.
-        wrap_errors = self.db.wrap_database_errors
-        while True:
-            with wrap_errors:
-                row = self.cursor.fetchone()
-            if row is None:
-                return
-            yield row
+        # swaps that in (`_FetchedRows`): go on from whichever holds them now.
+        with self.db.wrap_database_errors:
+            while True:
+                source = self.cursor
+                for row in source:
+                    yield row
+                    if self.cursor is not source:
+                        break
+                else:
+                    return
 
     def close(self) -> None:
         try:
