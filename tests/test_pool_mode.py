@@ -550,6 +550,36 @@ def test_connection_created_receivers_that_look_the_alias_up(tx_pool):
     assert held() == 0
 
 
+def test_execute_wrappers_installed_by_connection_created_are_reported(tx_pool, caplog):
+    """Receivers that configure the wrapper (django-read-only's write blocker) lose it: said loudly.
+
+    The signal's wrapper is one made for that connect, not any request's: an
+    execute wrapper it gets wraps nothing. A WARNING names it, once per server
+    connection, rather than the blocker silently doing nothing.
+    """
+    tx_pool(MAX_CONNS=1)
+
+    def write_blocker(execute, sql, params, many, context):
+        raise AssertionError("never called: it was installed on the connect's own wrapper")
+
+    def install_blocker(sender, connection, **kwargs):
+        if write_blocker not in connection.execute_wrappers:
+            connection.execute_wrappers.insert(0, write_blocker)
+
+    connection_created.connect(install_blocker)
+    try:
+        with caplog.at_level("WARNING", logger="django_db_geventpool.backends.pool_mode"):
+            pid_of_statement()
+            pid_of_statement()  # the same server connection: no second report
+    finally:
+        connection_created.disconnect(install_blocker)
+    reports = [r for r in caplog.records if "write_blocker" in r.getMessage()]
+    assert len(reports) == 1
+    assert "POOL_MODE" in reports[0].getMessage() and reports[0].levelname == "WARNING"
+    assert write_blocker not in connection.execute_wrappers
+    assert held() == 0
+
+
 def test_session_time_zone(tx_pool):
     from django.db import connections
 

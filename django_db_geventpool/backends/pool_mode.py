@@ -249,6 +249,12 @@ def _read_rows_now(cursor: Any) -> None:
         cursor.cursor = _FetchedRows(raw_cursor)
 
 
+def _name_of(func: Any) -> str:
+    """``module.qualname`` of a function (or its class), for a log line."""
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+
+
 @functools.cache
 def _driver_is_psycopg2() -> bool:
     from .drivers import Psycopg2Ops, driver_ops
@@ -579,9 +585,25 @@ class PoolModeMixin(PoolModeSwitch):
         releasing, self._releasing = self._releasing, False
         greenlets_own = connections[self.alias]
         connections[self.alias] = self
+        execute_wrappers = list(self.execute_wrappers)
         try:
             connection_created.send(sender=self._session_class, connection=self)
         finally:
             connections[self.alias] = greenlets_own
             self.connection = previous
             self._releasing = releasing
+        installed = [w for w in self.execute_wrappers if w not in execute_wrappers]
+        if installed:
+            # Django sends the signal to each wrapper that connects, and some
+            # receivers configure that wrapper (django-read-only's write blocker).
+            # Here the wrapper is this connect's own: say so rather than let the
+            # configuration silently do nothing.
+            logger.warning(
+                "pool %r: a connection_created receiver installed the execute wrapper(s) %s; "
+                "with POOL_MODE='transaction' the signal is sent once per server connection, "
+                "on a wrapper of its own, so they wrap no request's statements: install them "
+                "per request (connection.execute_wrapper() in a middleware), or use "
+                "POOL_MODE='session'",
+                self.alias,
+                ", ".join(_name_of(wrapper) for wrapper in installed),
+            )
