@@ -746,6 +746,46 @@ def test_a_greenlet_killed_during_a_statement_loses_that_connection(tx_pool):
     assert get_stats()["connections_num"] == 2
 
 
+def test_a_statement_interrupted_outside_atomic_gives_its_connection_up(tx_pool):
+    """A ``gevent.Timeout`` caught around a statement: the request goes on, holding nothing.
+
+    The interrupted connection is closed (never reused) and its slot is free at
+    once; the next statement checks out another and works.
+    """
+    tx_pool(MAX_CONNS=1)
+    first = pid_of_statement()
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.2):  # well before the statement ends, however busy the machine
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(5)")
+    assert held() == 0
+    second = pid_of_statement()
+    assert second != first
+    assert held() == 0
+    stats = get_stats()
+    assert stats["connections_num"] == 2 and stats["returns_bad"] == 1
+
+
+def test_a_timeout_before_the_statement_was_sent_gives_the_connection_back(tx_pool):
+    """Interrupted in an execute wrapper before the SQL went out: clean, so reused."""
+    tx_pool(MAX_CONNS=1)
+    first = pid_of_statement()
+
+    def waits_on_something_else(execute, sql, params, many, context):
+        gevent.sleep(30)  # an external wait the timeout cuts short
+        return execute(sql, params, many, context)
+
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(0.2):
+            with connection.execute_wrapper(waits_on_something_else):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+    assert held() == 0
+    assert pid_of_statement() == first  # given back clean, not discarded
+    stats = get_stats()
+    assert stats["connections_num"] == 1 and stats["returns_bad"] == 0
+
+
 # -- Django code no test above names ----------------------------------------------------------
 
 

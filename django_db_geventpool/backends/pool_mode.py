@@ -69,6 +69,8 @@ _INTERNAL_MODULES = ("django.", "django_db_geventpool.")
 _PROXY_MODULE = "django.utils.connection"
 # libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
 _ACTIVE = 1
+# What an interrupted query leaves behind (libpq numbering: ACTIVE, UNKNOWN).
+_INTERRUPTED = frozenset({_ACTIVE, 4})
 
 # Cursor methods that run I/O on the cursor's connection without going through
 # execute(): they must run on the connection the wrapper holds now, and keep it.
@@ -128,12 +130,13 @@ class _ReleasingCursor:
             result = method(*args)
         except Exception:
             db._in_use -= 1
-            # A failed statement (not an interrupted one: GreenletExit and
-            # gevent.Timeout keep today's handling) ends its use too.
+            # A failed statement ends its use too.
             db._release_if_idle(None)
             raise
         except BaseException:
+            # Interrupted (a gevent.Timeout, a kill).
             db._in_use -= 1
+            db._release_after_interruption()
             raise
         db._in_use -= 1
         db._release_if_idle(self)
@@ -560,6 +563,28 @@ class PoolModeMixin(PoolModeSwitch):
                 pool.checkin(lease)
         except Exception:
             logger.exception("pool %r: giving a connection back failed", lease.pool.name)
+
+    def _release_after_interruption(self) -> None:
+        """End the use of a statement interrupted by a ``gevent.Timeout`` or a kill.
+
+        Outside a transaction the connection goes back now: to be closed if the
+        interruption left a query running or the connection closed (the pool
+        cancels the query; the next statement checks out another connection), as
+        after any statement otherwise. Inside a transaction nothing changes:
+        ``atomic()``'s exit (or the request end) gives it back, as in session mode.
+        """
+        lease = self._pool_lease
+        if lease is None or self._in_use or self.in_atomic_block or not self.autocommit:
+            return
+        driver = lease.pool.driver
+        raw = lease.connection
+        if driver.is_closed(raw) or driver.transaction_status(raw) in _INTERRUPTED:
+            self._end_pool_mode_checkout()
+            self._pool_lease = None
+            self.connection = None
+            lease.pool.checkin(lease)  # may wait (the cancel): after the wrapper let go
+        else:
+            self._release_if_idle(None)
 
     @property
     def _buffers_results(self) -> bool:
