@@ -525,9 +525,11 @@ class PoolModeMixin(PoolModeSwitch):
         lease = self._pool_lease
         if lease is None:
             return
-        if cursor is not None and self._buffers_results:
+        if cursor is not None and not cursor._server_side and self._buffers_results:
             # Noted even inside a transaction: the rows of a statement run in
             # atomic() may be read after the block's end gave the connection back.
+            # (A server-side cursor pins the connection until it is closed: its
+            # rows are never read here, in the hub, where a fetch would block it.)
             cursors = self._cursors_with_rows
             if cursors is None:
                 cursors = self._cursors_with_rows = weakref.WeakSet()
