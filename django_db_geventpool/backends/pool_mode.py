@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
+from django.utils.connection import ConnectionDoesNotExist
 from gevent import get_hub, spawn
 
 if TYPE_CHECKING:
@@ -610,13 +611,19 @@ class PoolModeMixin(PoolModeSwitch):
         """
         previous, self.connection = self._raw_connection, raw
         releasing, self._releasing = self._releasing, False
-        greenlets_own = connections[self.alias]
+        try:
+            greenlets_own = connections[self.alias]
+        except ConnectionDoesNotExist:  # the alias left DATABASES meanwhile
+            greenlets_own = None
         connections[self.alias] = self
         execute_wrappers = list(self.execute_wrappers)
         try:
             connection_created.send(sender=self._session_class, connection=self)
         finally:
-            connections[self.alias] = greenlets_own
+            if greenlets_own is None:
+                del connections[self.alias]
+            else:
+                connections[self.alias] = greenlets_own
             self.connection = previous
             self._releasing = releasing
         installed = [w for w in self.execute_wrappers if w not in execute_wrappers]
