@@ -5,10 +5,13 @@ connection it checked out until Django closes it (end of request). In
 transaction mode it gives the connection back to the pool as soon as it needs
 none, and checks one out again at its next statement. A use ends:
 
-* after each statement run in autocommit outside ``atomic()``;
+* after each statement run in autocommit outside ``atomic()``, whether it
+  succeeds, fails or is interrupted (a caught ``gevent.Timeout``: a connection
+  the interruption left busy goes back at once, to be closed);
 * when the outermost ``atomic()`` block ends, after its ``on_commit`` callbacks
-  (Django turns autocommit back on and runs them there), and when
-  ``set_autocommit(True)`` ends a manual transaction;
+  (Django turns autocommit back on and runs them there; also when one raises),
+  and when ``set_autocommit(True)`` ends a manual transaction;
+* after ``is_usable()``'s test statement;
 * when the last open server-side cursor is closed.
 
 The connection then goes back when the greenlet next waits on anything (a hub
