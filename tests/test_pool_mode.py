@@ -24,7 +24,12 @@ from gevent.event import Event
 from django_db_geventpool import PoolTimeout, get_stats
 from django_db_geventpool.utils import close_connection, give_back_connections
 from tests.support.eventually import wait_until
-from tests.support.helpers import ServerConnectionSampler, query, raw_connect
+from tests.support.helpers import (
+    ServerConnectionSampler,
+    query,
+    raw_connect,
+    wait_until_running,
+)
 from tests.testapp.models import Item
 
 ROLE = "geventpool_pool_mode_role"
@@ -535,13 +540,15 @@ def test_connection_created_receivers_that_look_the_alias_up(tx_pool):
     # What INSTALLED_APPS = [..., "django.contrib.postgres"] connects, from a cold cache.
     postgres_signals.get_hstore_oids.cache_clear()
     postgres_signals.get_citext_oids.cache_clear()
-    connection_created.connect(postgres_signals.register_type_handlers)
+    # A uid of its own: disconnecting never removes the app's, if it is installed.
+    uid = "test_pool_mode.register_type_handlers"
+    connection_created.connect(postgres_signals.register_type_handlers, dispatch_uid=uid)
     connection_created.connect(receiver)
     try:
         pid = pid_of_statement()
     finally:
         connection_created.disconnect(receiver)
-        connection_created.disconnect(postgres_signals.register_type_handlers)
+        connection_created.disconnect(dispatch_uid=uid)
         postgres_signals.get_hstore_oids.cache_clear()
         postgres_signals.get_citext_oids.cache_clear()
     assert seen == [pid]  # run once, on the new connection
@@ -754,14 +761,30 @@ def test_a_statement_interrupted_outside_atomic_gives_its_connection_up(tx_pool)
     """
     tx_pool(MAX_CONNS=1)
     first = pid_of_statement()
-    with pytest.raises(gevent.Timeout):
-        with gevent.Timeout(0.2):  # well before the statement ends, however busy the machine
+    after = {}
+
+    def request():
+        try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_sleep(5)")
-    assert held() == 0
-    second = pid_of_statement()
-    assert second != first
-    assert held() == 0
+                cursor.execute("SELECT pg_sleep(30)")
+        except gevent.Timeout:
+            after["held"] = held()
+            after["pid"] = pid_of_statement()
+            after["held again"] = held()
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)  # the timeout is thrown into this very greenlet
+    observer = raw_connect()
+    try:
+        # Interrupted while the query runs in the server, however slow the machine.
+        wait_until_running(observer, "SELECT pg_sleep(30)")
+        greenlet.kill(gevent.Timeout(), block=False)
+        greenlet.get(timeout=20)
+    finally:
+        observer.close()
+    assert after == {"held": 0, "pid": after["pid"], "held again": 0}
+    assert after["pid"] != first
     stats = get_stats()
     assert stats["connections_num"] == 2 and stats["returns_bad"] == 1
 
@@ -770,18 +793,30 @@ def test_a_timeout_before_the_statement_was_sent_gives_the_connection_back(tx_po
     """Interrupted in an execute wrapper before the SQL went out: clean, so reused."""
     tx_pool(MAX_CONNS=1)
     first = pid_of_statement()
+    waiting = Event()
+    after = {}
 
     def waits_on_something_else(execute, sql, params, many, context):
+        waiting.set()
         gevent.sleep(30)  # an external wait the timeout cuts short
         return execute(sql, params, many, context)
 
-    with pytest.raises(gevent.Timeout):
-        with gevent.Timeout(0.2):
+    def request():
+        try:
             with connection.execute_wrapper(waits_on_something_else):
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT 1")
-    assert held() == 0
-    assert pid_of_statement() == first  # given back clean, not discarded
+        except gevent.Timeout:
+            after["held"] = held()
+            after["pid"] = pid_of_statement()
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)  # the timeout is thrown into this very greenlet
+    assert waiting.wait(timeout=10)
+    greenlet.kill(gevent.Timeout(), block=False)
+    greenlet.get(timeout=20)
+    assert after == {"held": 0, "pid": first}  # given back clean, not discarded
     stats = get_stats()
     assert stats["connections_num"] == 1 and stats["returns_bad"] == 0
 
