@@ -24,7 +24,12 @@ from gevent.event import Event
 from django_db_geventpool import PoolTimeout, get_stats
 from django_db_geventpool.utils import close_connection, give_back_connections
 from tests.support.eventually import wait_until
-from tests.support.helpers import ServerConnectionSampler, query, raw_connect
+from tests.support.helpers import (
+    ServerConnectionSampler,
+    query,
+    raw_connect,
+    wait_until_running,
+)
 from tests.testapp.models import Item
 
 ROLE = "geventpool_pool_mode_role"
@@ -133,6 +138,17 @@ def test_a_checkout_unused_before_a_wait_goes_back(tx_pool):
     assert cursor.fetchone() == (42,)
     assert held() == 0
     cursor.close()
+
+
+def test_is_usable_gives_the_checkout_back(tx_pool):
+    """is_usable() runs a statement of its own: a use like any other, released after it."""
+    tx_pool(MAX_CONNS=1)
+    connection.ensure_connection()
+    assert connection.is_usable()  # no wait in between: the checkout is still held
+    assert held() == 0
+    assert not connection.is_usable()  # nothing held: no connection to test (as Django says)
+    pid_of_statement()
+    assert held() == 0
 
 
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
@@ -270,6 +286,20 @@ def test_rolled_back_atomic_gives_back_and_drops_callbacks(tx_pool):
     assert not Item.objects.filter(name="pm-rolled-back").exists()
 
 
+def test_an_on_commit_callback_that_raises_still_gives_back(tx_pool):
+    """The commit is done when a callback raises: the connection goes back all the same."""
+    tx_pool(MAX_CONNS=1)
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            Item.objects.create(name="pm-callback-raises")
+            transaction.on_commit(lambda: 1 / 0)
+    assert held() == 0
+    assert Item.objects.filter(name="pm-callback-raises").count() == 1
+    # Another greenlet gets the only connection (MAX_CONNS=1, POOL_TIMEOUT=2).
+    assert gevent.spawn(run, pid_of_statement).get(timeout=10)
+    assert held() == 0
+
+
 def test_manual_transactions_hold_until_autocommit_is_back(tx_pool):
     tx_pool()
     transaction.set_autocommit(False)
@@ -308,6 +338,49 @@ def test_a_cursor_taken_before_a_release_stays_usable(tx_pool):
     assert first_pid != second_pid  # each statement got a new connection
     cursor.close()
     assert get_stats()["requests_errors"] == 0
+
+
+def test_the_rows_of_every_cursor_stay_readable_after_a_release(tx_pool):
+    """Not only the last statement's: a cursor read after later statements, or after atomic()."""
+    # REUSE_CONNS=0: every returned connection is closed.
+    tx_pool(MAX_CONNS=1, REUSE_CONNS=0)
+    first = connection.cursor()
+    first.execute("SELECT g FROM generate_series(1, 3) g")
+    with transaction.atomic():
+        in_atomic = connection.cursor()
+        in_atomic.execute("SELECT 'atomic'")
+    last = connection.cursor()
+    last.execute("SELECT 'last'")
+    assert held() == 0
+    assert first.fetchone() == (1,)
+    assert in_atomic.fetchall() == [("atomic",)]
+    assert last.fetchall() == [("last",)]
+    assert first.fetchall() == [(2,), (3,)]
+    # A statement that ends an atomic() block: the release comes from the block's end.
+    with transaction.atomic():
+        ending = connection.cursor()
+        ending.execute("SELECT 'end of block'")
+    assert held() == 0
+    assert ending.fetchone() == ("end of block",)
+    for cursor in (first, in_atomic, last, ending):
+        cursor.close()
+    assert get_stats()["requests_errors"] == 0
+
+
+@pytest.mark.parametrize("reuse_conns", [1, 0], ids=["reused", "closed-on-return"])
+def test_iterating_a_cursor_across_releases_reads_every_row(tx_pool, reuse_conns):
+    """``for row in cursor`` with a wait in the loop: every row, whatever the pool did meanwhile."""
+    tx_pool(MAX_CONNS=1, REUSE_CONNS=reuse_conns)
+    values, held_in_loop = [], []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT g FROM generate_series(1, 5) g")
+        for (value,) in cursor:
+            values.append(value)
+            held_in_loop.append(held())  # a wait: the connection goes back
+            pid_of_statement()  # and another statement takes one
+    assert values == [1, 2, 3, 4, 5]
+    assert set(held_in_loop) == {0}
+    assert held() == 0
 
 
 def test_a_cursor_from_an_atomic_block_runs_on_the_next_connection(tx_pool):
@@ -442,6 +515,76 @@ def test_connection_created_once_per_server_connection(tx_pool):
     # and the release order: the second may have gone idle unused.)
     assert len(received) == 2 == len(set(received))
     assert set(pids) <= set(received)
+
+
+def test_connection_created_receivers_that_look_the_alias_up(tx_pool):
+    """django.contrib.postgres's receiver queries through ``connections[alias]``, not its argument.
+
+    The signal is sent in the pool's connector greenlet: ``connections[alias]``
+    there must be the wrapper pointing at the new connection, or the receiver
+    checks out another connection while the first is still being opened (with
+    MAX_CONNS=1, until POOL_TIMEOUT; every connect, so nothing ever works).
+    """
+    from django.contrib.postgres import signals as postgres_signals
+    from django.db import connections
+
+    tx_pool(MAX_CONNS=1)
+    seen = []
+
+    def receiver(sender, connection, **kwargs):
+        assert connections[connection.alias] is connection
+        with connections[connection.alias].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            seen.append(cursor.fetchone()[0])
+
+    # What INSTALLED_APPS = [..., "django.contrib.postgres"] connects, from a cold cache.
+    postgres_signals.get_hstore_oids.cache_clear()
+    postgres_signals.get_citext_oids.cache_clear()
+    # A uid of its own: disconnecting never removes the app's, if it is installed.
+    uid = "test_pool_mode.register_type_handlers"
+    connection_created.connect(postgres_signals.register_type_handlers, dispatch_uid=uid)
+    connection_created.connect(receiver)
+    try:
+        pid = pid_of_statement()
+    finally:
+        connection_created.disconnect(receiver)
+        connection_created.disconnect(dispatch_uid=uid)
+        postgres_signals.get_hstore_oids.cache_clear()
+        postgres_signals.get_citext_oids.cache_clear()
+    assert seen == [pid]  # run once, on the new connection
+    stats = get_stats()
+    assert stats["connections_num"] == 1 and stats["requests_errors"] == 0
+    assert held() == 0
+
+
+def test_execute_wrappers_installed_by_connection_created_are_reported(tx_pool, caplog):
+    """Receivers that configure the wrapper (django-read-only's write blocker) lose it: said loudly.
+
+    The signal's wrapper is one made for that connect, not any request's: an
+    execute wrapper it gets wraps nothing. A WARNING names it, once per server
+    connection, rather than the blocker silently doing nothing.
+    """
+    tx_pool(MAX_CONNS=1)
+
+    def write_blocker(execute, sql, params, many, context):
+        raise AssertionError("never called: it was installed on the connect's own wrapper")
+
+    def install_blocker(sender, connection, **kwargs):
+        if write_blocker not in connection.execute_wrappers:
+            connection.execute_wrappers.insert(0, write_blocker)
+
+    connection_created.connect(install_blocker)
+    try:
+        with caplog.at_level("WARNING", logger="django_db_geventpool.backends.pool_mode"):
+            pid_of_statement()
+            pid_of_statement()  # the same server connection: no second report
+    finally:
+        connection_created.disconnect(install_blocker)
+    reports = [r for r in caplog.records if "write_blocker" in r.getMessage()]
+    assert len(reports) == 1
+    assert "POOL_MODE" in reports[0].getMessage() and reports[0].levelname == "WARNING"
+    assert write_blocker not in connection.execute_wrappers
+    assert held() == 0
 
 
 def test_session_time_zone(tx_pool):
@@ -608,6 +751,74 @@ def test_a_greenlet_killed_during_a_statement_loses_that_connection(tx_pool):
     # Discarded, never reused (as in session mode).
     assert pid_of_statement() != pids[0]
     assert get_stats()["connections_num"] == 2
+
+
+def test_a_statement_interrupted_outside_atomic_gives_its_connection_up(tx_pool):
+    """A ``gevent.Timeout`` caught around a statement: the request goes on, holding nothing.
+
+    The interrupted connection is closed (never reused) and its slot is free at
+    once; the next statement checks out another and works.
+    """
+    tx_pool(MAX_CONNS=1)
+    first = pid_of_statement()
+    after = {}
+
+    def request():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(30)")
+        except gevent.Timeout:
+            after["held"] = held()
+            after["pid"] = pid_of_statement()
+            after["held again"] = held()
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)  # the timeout is thrown into this very greenlet
+    observer = raw_connect()
+    try:
+        # Interrupted while the query runs in the server, however slow the machine.
+        wait_until_running(observer, "SELECT pg_sleep(30)")
+        greenlet.kill(gevent.Timeout(), block=False)
+        greenlet.get(timeout=20)
+    finally:
+        observer.close()
+    assert after == {"held": 0, "pid": after["pid"], "held again": 0}
+    assert after["pid"] != first
+    stats = get_stats()
+    assert stats["connections_num"] == 2 and stats["returns_bad"] == 1
+
+
+def test_a_timeout_before_the_statement_was_sent_gives_the_connection_back(tx_pool):
+    """Interrupted in an execute wrapper before the SQL went out: clean, so reused."""
+    tx_pool(MAX_CONNS=1)
+    first = pid_of_statement()
+    waiting = Event()
+    after = {}
+
+    def waits_on_something_else(execute, sql, params, many, context):
+        waiting.set()
+        gevent.sleep(30)  # an external wait the timeout cuts short
+        return execute(sql, params, many, context)
+
+    def request():
+        try:
+            with connection.execute_wrapper(waits_on_something_else):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+        except gevent.Timeout:
+            after["held"] = held()
+            after["pid"] = pid_of_statement()
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)  # the timeout is thrown into this very greenlet
+    assert waiting.wait(timeout=10)
+    greenlet.kill(gevent.Timeout(), block=False)
+    greenlet.get(timeout=20)
+    assert after == {"held": 0, "pid": first}  # given back clean, not discarded
+    stats = get_stats()
+    assert stats["connections_num"] == 1 and stats["returns_bad"] == 0
 
 
 # -- Django code no test above names ----------------------------------------------------------

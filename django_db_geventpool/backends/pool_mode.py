@@ -5,10 +5,13 @@ connection it checked out until Django closes it (end of request). In
 transaction mode it gives the connection back to the pool as soon as it needs
 none, and checks one out again at its next statement. A use ends:
 
-* after each statement run in autocommit outside ``atomic()``;
+* after each statement run in autocommit outside ``atomic()``, whether it
+  succeeds, fails or is interrupted (a caught ``gevent.Timeout``: a connection
+  the interruption left busy goes back at once, to be closed);
 * when the outermost ``atomic()`` block ends, after its ``on_commit`` callbacks
-  (Django turns autocommit back on and runs them there), and when
-  ``set_autocommit(True)`` ends a manual transaction;
+  (Django turns autocommit back on and runs them there; also when one raises),
+  and when ``set_autocommit(True)`` ends a manual transaction;
+* after ``is_usable()``'s test statement;
 * when the last open server-side cursor is closed.
 
 The connection then goes back when the greenlet next waits on anything (a hub
@@ -42,8 +45,10 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
+from django.utils.connection import ConnectionDoesNotExist
 from gevent import get_hub, spawn
 
 if TYPE_CHECKING:
@@ -68,6 +73,8 @@ _INTERNAL_MODULES = ("django.", "django_db_geventpool.")
 _PROXY_MODULE = "django.utils.connection"
 # libpq's PQTRANS_ACTIVE: a command is in progress on the connection.
 _ACTIVE = 1
+# What an interrupted query leaves behind (libpq numbering: ACTIVE, UNKNOWN).
+_INTERRUPTED = frozenset({_ACTIVE, 4})
 
 # Cursor methods that run I/O on the cursor's connection without going through
 # execute(): they must run on the connection the wrapper holds now, and keep it.
@@ -127,16 +134,36 @@ class _ReleasingCursor:
             result = method(*args)
         except Exception:
             db._in_use -= 1
-            # A failed statement (not an interrupted one: GreenletExit and
-            # gevent.Timeout keep today's handling) ends its use too.
+            # A failed statement ends its use too.
             db._release_if_idle(None)
             raise
         except BaseException:
+            # Interrupted (a gevent.Timeout, a kill).
             db._in_use -= 1
+            db._release_after_interruption()
             raise
         db._in_use -= 1
         db._release_if_idle(self)
         return result
+
+    def __iter__(self) -> Any:
+        if self._server_side or not self.db._buffers_results:
+            return super().__iter__()  # type: ignore[misc]
+        return self._rows_across_releases()
+
+    def _rows_across_releases(self) -> Any:
+        # Django's __iter__ iterates the driver cursor it starts with; a release
+        # between two rows (a wait in the loop) reads the rest into memory and
+        # swaps that in (`_FetchedRows`): go on from whichever holds them now.
+        with self.db.wrap_database_errors:
+            while True:
+                source = self.cursor
+                for row in source:
+                    yield row
+                    if self.cursor is not source:
+                        break
+                else:
+                    return
 
     def close(self) -> None:
         try:
@@ -216,6 +243,23 @@ class _FetchedRows:
 
     def close(self) -> None:
         self._cursor.close()
+
+
+def _read_rows_now(cursor: Any) -> None:
+    """Give ``cursor`` (a Django cursor wrapper) its result's rows in memory (`_FetchedRows`)."""
+    raw_cursor = cursor.cursor
+    if (
+        not isinstance(raw_cursor, _FetchedRows)
+        and not raw_cursor.closed
+        and raw_cursor.description is not None
+    ):
+        cursor.cursor = _FetchedRows(raw_cursor)
+
+
+def _name_of(func: Any) -> str:
+    """``module.qualname`` of a function (or its class), for a log line."""
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
 
 
 @functools.cache
@@ -331,9 +375,12 @@ class PoolModeMixin(PoolModeSwitch):
     _server_cursors: weakref.WeakSet[Any] | None = None
     # Uses in progress (a statement, a checkout's set-up): never released meanwhile.
     _in_use = 0
-    # The lease whose release is queued in the hub, and the cursor of its last statement.
+    # The lease whose release is queued in the hub.
     _release_scheduled: Any = None
-    _last_cursor: Any = None
+    # psycopg2: the cursors that ran a statement on this checkout, whose rows are
+    # read into memory before it goes back (by id, weakly: a dropped cursor needs
+    # nothing; a dict of references costs less per checkout than a WeakSet).
+    _cursors_with_rows: dict[int, weakref.ref[Any]] | None = None
 
     # -- the raw connection: reading it from outside Django pins it -----------
 
@@ -400,11 +447,14 @@ class PoolModeMixin(PoolModeSwitch):
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
         was_on = self.autocommit
-        super().set_autocommit(autocommit, *args, **kwargs)
-        if autocommit and not was_on:
-            # The outermost atomic() ended (its on_commit callbacks ran inside
-            # super()), or a manual transaction did.
-            self._release_if_idle(None)
+        try:
+            super().set_autocommit(autocommit, *args, **kwargs)
+        finally:
+            if autocommit and not was_on:
+                # The outermost atomic() ended (its on_commit callbacks ran inside
+                # super(), and one of them may have raised: the commit is done all
+                # the same), or a manual transaction did.
+                self._release_if_idle(None)
 
     # Django's own I/O on the connection outside a cursor statement: the
     # connection is in use meanwhile (a release queued earlier must wait).
@@ -419,7 +469,10 @@ class PoolModeMixin(PoolModeSwitch):
         self._while_in_use(super()._rollback)  # type: ignore[misc]
 
     def is_usable(self) -> bool:
-        return self._while_in_use(super().is_usable)
+        usable = self._while_in_use(super().is_usable)
+        # Its test statement is a use like any other: it ends here.
+        self._release_if_idle(None)
+        return usable
 
     def _while_in_use(self, call: Callable[..., _T], *args: Any) -> _T:
         """``call(*args)``, with the connection counted in use meanwhile."""
@@ -475,9 +528,19 @@ class PoolModeMixin(PoolModeSwitch):
         greenlet that waits holds nothing.
         """
         lease = self._pool_lease
-        if lease is None or not self._releasable():
+        if lease is None:
             return
-        self._last_cursor = None if cursor is None else weakref.ref(cursor)
+        if cursor is not None and not cursor._server_side and self._buffers_results:
+            # Noted even inside a transaction: the rows of a statement run in
+            # atomic() may be read after the block's end gave the connection back.
+            # (A server-side cursor pins the connection until it is closed: its
+            # rows are never read here, in the hub, where a fetch would block it.)
+            cursors = self._cursors_with_rows
+            if cursors is None:
+                cursors = self._cursors_with_rows = {}
+            cursors[id(cursor)] = weakref.ref(cursor)
+        if not self._releasable():
+            return
         if self._release_scheduled is not lease:
             self._release_scheduled = lease
             get_hub().loop.run_callback(self._release_when_idle, lease)
@@ -493,16 +556,12 @@ class PoolModeMixin(PoolModeSwitch):
                 # Talking to the server through a path we do not count: keep it (the
                 # next statement's end, or the request end, gives it back).
                 return
-            last, self._last_cursor = self._last_cursor, None
-            cursor = last() if last is not None else None
-            if cursor is not None and self._buffers_results:
-                raw_cursor = cursor.cursor
-                if (
-                    not isinstance(raw_cursor, _FetchedRows)
-                    and not raw_cursor.closed
-                    and raw_cursor.description is not None
-                ):
-                    cursor.cursor = _FetchedRows(raw_cursor)
+            cursors = self._cursors_with_rows
+            if cursors:
+                for ref in cursors.values():
+                    cursor = ref()
+                    if cursor is not None:
+                        _read_rows_now(cursor)
             self._end_pool_mode_checkout()
             self._pool_lease = None
             self.connection = None
@@ -514,6 +573,28 @@ class PoolModeMixin(PoolModeSwitch):
         except Exception:
             logger.exception("pool %r: giving a connection back failed", lease.pool.name)
 
+    def _release_after_interruption(self) -> None:
+        """End the use of a statement interrupted by a ``gevent.Timeout`` or a kill.
+
+        Outside a transaction the connection goes back now: to be closed if the
+        interruption left a query running or the connection closed (the pool
+        cancels the query; the next statement checks out another connection), as
+        after any statement otherwise. Inside a transaction nothing changes:
+        ``atomic()``'s exit (or the request end) gives it back, as in session mode.
+        """
+        lease = self._pool_lease
+        if lease is None or self._in_use or self.in_atomic_block or not self.autocommit:
+            return
+        driver = lease.pool.driver
+        raw = lease.connection
+        if driver.is_closed(raw) or driver.transaction_status(raw) in _INTERRUPTED:
+            self._end_pool_mode_checkout()
+            self._pool_lease = None
+            self.connection = None
+            lease.pool.checkin(lease)  # may wait (the cancel): after the wrapper let go
+        else:
+            self._release_if_idle(None)
+
     @property
     def _buffers_results(self) -> bool:
         return _driver_is_psycopg2()
@@ -523,14 +604,46 @@ class PoolModeMixin(PoolModeSwitch):
         self._releasing = False
         self._raw_pinned = False
         self._server_cursors = None
-        self._last_cursor = None
+        self._cursors_with_rows = None
 
     def _announce_server_connection(self, raw: Any) -> None:
-        """Send ``connection_created`` for a new server connection, the wrapper pointing at it."""
+        """Send ``connection_created`` for a new server connection, the wrapper pointing at it.
+
+        It runs in the pool's connector greenlet, where ``connections[alias]``
+        is this wrapper meanwhile: receivers that look the alias up rather than
+        use their argument (``django.contrib.postgres`` reads type OIDs through
+        ``connections[alias].cursor()``) query the new connection too, instead
+        of checking out another one while this one is still being opened.
+        """
         previous, self.connection = self._raw_connection, raw
         releasing, self._releasing = self._releasing, False
         try:
+            greenlets_own = connections[self.alias]
+        except ConnectionDoesNotExist:  # the alias left DATABASES meanwhile
+            greenlets_own = None
+        connections[self.alias] = self
+        execute_wrappers = list(self.execute_wrappers)
+        try:
             connection_created.send(sender=self._session_class, connection=self)
         finally:
+            if greenlets_own is None:
+                del connections[self.alias]
+            else:
+                connections[self.alias] = greenlets_own
             self.connection = previous
             self._releasing = releasing
+        installed = [w for w in self.execute_wrappers if w not in execute_wrappers]
+        if installed:
+            # Django sends the signal to each wrapper that connects, and some
+            # receivers configure that wrapper (django-read-only's write blocker).
+            # Here the wrapper is this connect's own: say so rather than let the
+            # configuration silently do nothing.
+            logger.warning(
+                "pool %r: a connection_created receiver installed the execute wrapper(s) %s; "
+                "with POOL_MODE='transaction' the signal is sent once per server connection, "
+                "on a wrapper of its own, so they wrap no request's statements: install them "
+                "per request (connection.execute_wrapper() in a middleware), or use "
+                "POOL_MODE='session'",
+                self.alias,
+                ", ".join(_name_of(wrapper) for wrapper in installed),
+            )
