@@ -23,7 +23,12 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
-from tests.support.helpers import ServerConnectionSampler
+from tests.support.helpers import (
+    ServerConnectionSampler,
+    raw_connect,
+    wait_until_gone,
+    wait_until_running,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,3 +204,51 @@ def test_an_interrupted_long_query_leaves_no_server_connection_beyond_the_cap(co
     # Each backend ended about a check interval after its query was interrupted.
     assert sampler.peak < 6
     assert get_stats()["pool_size"] == 0
+
+
+def test_a_caught_interruption_outside_atomic_leaves_the_request_a_working_connection(
+    configure_pool,
+):
+    """Session mode: a ``gevent.Timeout`` caught around a statement, and the request goes on.
+
+    The interrupted connection is given back to be closed (its query cancelled, or
+    ended by the server), never reused; the request's next statement checks out
+    another and works, even with MAX_CONNS=1. Before, the wrapper kept the
+    interrupted connection and every later statement of the request failed
+    ("another command is already in progress" / "connection already closed").
+    """
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10.0)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        first = cursor.fetchone()[0]
+    connection.close()
+    after = {}
+
+    def request():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(30)")
+        except gevent.Timeout:
+            after["wrapper holds"] = connection.connection is not None
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                after["pid"] = cursor.fetchone()[0]
+        finally:
+            connection.close()
+
+    greenlet = gevent.spawn(request)
+    observer = raw_connect()
+    try:
+        # Interrupted while the query runs in the server, however slow the machine.
+        (interrupted,) = wait_until_running(observer, "SELECT pg_sleep(30)")
+        greenlet.kill(gevent.Timeout(), block=False)
+        greenlet.get(timeout=30)
+        # Its backend ends too (psycopg 3 cancels; psycopg2's server notices the close).
+        wait_until_gone(observer, interrupted, timeout=30)
+    finally:
+        observer.close()
+    assert after["wrapper holds"] is False
+    assert after["pid"] not in (first, interrupted)
+    stats = get_stats()
+    assert stats["returns_bad"] == 1
+    assert stats["pool_size"] - stats["pool_available"] == 0

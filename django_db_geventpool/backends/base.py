@@ -29,6 +29,8 @@ from typing import Any
 
 from django.conf import settings as django_settings
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.utils import DatabaseErrorWrapper
+from django.utils.functional import cached_property
 
 from .. import forking, otel, registry, signals
 from ..pool import ConnectionPool, Lease
@@ -297,6 +299,21 @@ class PooledDatabaseWrapperMixin(PoolModeSwitch):
             return
         super()._rollback()  # type: ignore[misc]
 
+    @cached_property
+    def wrap_database_errors(self) -> DatabaseErrorWrapper:
+        return _InterruptionAwareErrorWrapper(self)
+
+    def _after_interruption(self) -> None:
+        """A statement (or connect, commit) was interrupted: never reuse its connection.
+
+        Outside ``atomic()`` the request may catch the interruption and go on; its
+        next statement then checks out another connection instead of failing on
+        this one. Inside, Django's ``atomic()`` exit sees ``closed_in_transaction``
+        and leaves the rollback to the server, as for any connection lost there.
+        """
+        if self._pool_lease is not None:
+            self._abandon_if_interrupted()
+
     def _abandon_if_interrupted(self) -> bool:
         """Give back (to be closed) a connection an interruption left unusable; True if so."""
         lease = self._pool_lease
@@ -403,3 +420,19 @@ def _forget_in_child() -> None:
 
 
 forking.on_fork_in_child(_forget_in_child)
+
+
+class _InterruptionAwareErrorWrapper(DatabaseErrorWrapper):
+    """Django's driver-error translation, which also sees interruptions go by.
+
+    Every statement, connect and commit runs inside it, so it is where a
+    ``gevent.Timeout`` or a kill that lands on the driver is seen; nothing is
+    added to the path of a statement that ends normally.
+    """
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is None:
+            return
+        if not issubclass(exc_type, Exception):
+            self.wrapper._after_interruption()  # type: ignore[attr-defined]
+        super().__exit__(exc_type, exc_value, traceback)

@@ -573,6 +573,10 @@ class PoolModeMixin(PoolModeSwitch):
         except Exception:
             logger.exception("pool %r: giving a connection back failed", lease.pool.name)
 
+    def _after_interruption(self) -> None:
+        # The statement's own wrapper (`_run`) ends the use: `_release_after_interruption`.
+        return None
+
     def _release_after_interruption(self) -> None:
         """End the use of a statement interrupted by a ``gevent.Timeout`` or a kill.
 

@@ -75,14 +75,14 @@ def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 10.0) ->
     return running(conn, sql)
 
 
-def wait_until_gone(conn, *pids: int) -> None:
+def wait_until_gone(conn, *pids: int, timeout: float = 5.0) -> None:
     """Wait until no backend of the server (of any application) has one of ``pids``."""
     gone = set(pids)
 
     def none_listed() -> bool:
         return not gone & {pid for (pid,) in query(conn, "SELECT pid FROM pg_stat_activity")}
 
-    wait_until(none_listed)
+    wait_until(none_listed, timeout=timeout)
 
 
 def terminate_backend(*pids: int) -> None:
