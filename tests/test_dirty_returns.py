@@ -52,7 +52,7 @@ def _next_checkout_is_clean() -> int:
         finally:
             connection.close()
 
-    return gevent.spawn(check).get(timeout=5)
+    return gevent.spawn(check).get(timeout=30)
 
 
 def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, observer):
@@ -67,7 +67,7 @@ def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, obs
             gevent.sleep(30)
 
     greenlet = gevent.spawn(doomed)
-    assert inserted.wait(5)
+    assert inserted.wait(30)
     greenlet.kill()
     wait_until(lambda: get_stats()["pool_size"] == get_stats()["pool_available"])
     assert pool_backends(observer, "idle in transaction") == []
@@ -91,7 +91,7 @@ def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
                 cursor.execute("SELECT pg_sleep(30)")
 
     greenlet = gevent.spawn(doomed)
-    assert inserted.wait(5)
+    assert inserted.wait(30)
     wait_until_running(observer, "SELECT pg_sleep(30)")  # the server is in the query now
     greenlet.kill()
     # The connection of the killed query is closed, not reused; the server

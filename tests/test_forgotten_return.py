@@ -29,7 +29,7 @@ def _query_and_close() -> int:
 def test_ten_forgetful_greenlets_in_a_row(configure_pool):
     configure_pool(MAX_CONNS=2, POOL_TIMEOUT=2)
     for _ in range(10):
-        gevent.spawn(_query_and_forget).get(timeout=5)
+        gevent.spawn(_query_and_forget).get(timeout=30)
     wait_until(lambda: get_stats()["connections_reclaimed"] == 10)
     greenlets = [gevent.spawn(_query_and_close) for _ in range(20)]
     gevent.joinall(greenlets, raise_error=True)
@@ -45,7 +45,7 @@ def test_forgetful_greenlets_at_once_with_waiters(configure_pool):
     greenlets = [gevent.spawn(_query_and_forget) for _ in range(10)]
     gevent.joinall(greenlets, raise_error=True)
     wait_until(lambda: get_stats()["connections_reclaimed"] == 10)
-    assert gevent.spawn(_query_and_close).get(timeout=5) > 0
+    assert gevent.spawn(_query_and_close).get(timeout=30) > 0
     assert get_stats()["requests_errors"] == 0
 
 
@@ -68,4 +68,4 @@ def test_raw_greenlet_connection_comes_back_when_garbage_collected(configure_poo
     wait_until(collected_and_reclaimed)
     assert get_stats()["pool_available"] == 1
     # MAX_CONNS=1: the same server connection serves the next request.
-    assert gevent.spawn(_query_and_close).get(timeout=5) == pid
+    assert gevent.spawn(_query_and_close).get(timeout=30) == pid

@@ -51,7 +51,7 @@ def _open_idle_connections(count: int) -> set[int]:
         pids.append(backend_pid())
         if len(pids) == count:
             all_held.set()
-        assert all_held.wait(10), "the other connections were never held at the same time"
+        assert all_held.wait(30), "the other connections were never held at the same time"
         connection.close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
@@ -147,7 +147,7 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
             os.close(read_fd)
     worker.join()
     if in_flight is not None:
-        assert in_flight.get(timeout=10) in parent_side
+        assert in_flight.get(timeout=30) in parent_side
 
     assert report.get("ok"), report.get("error", report)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

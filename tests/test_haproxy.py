@@ -51,7 +51,7 @@ def _hold_connections(count: int) -> list[int]:
             pids.append(cursor.fetchone()[0])
         if len(pids) == count:
             all_held.set()
-        assert all_held.wait(10), "the connections were never all held at once"
+        assert all_held.wait(30), "the connections were never all held at once"
         connection.close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)

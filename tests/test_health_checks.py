@@ -58,7 +58,7 @@ def _checkout_and_return() -> None:
         finally:
             connection.close()
 
-    gevent.spawn(request).get(timeout=5)
+    gevent.spawn(request).get(timeout=30)
 
 
 def _flush_request() -> None:
@@ -71,7 +71,7 @@ def _flush_request() -> None:
         finally:
             connection.close()
 
-    gevent.spawn(request).get(timeout=5)
+    gevent.spawn(request).get(timeout=30)
 
 
 def _measure(server_transactions, action) -> tuple[int, int]:

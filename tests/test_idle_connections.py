@@ -36,7 +36,7 @@ def _concurrent_pids(count: int) -> list[int]:
             pids.append(pid)
             if len(pids) == count:
                 all_in.set()
-            all_in.wait(5)
+            all_in.wait(30)
             return pid
         finally:
             connection.close()
@@ -152,7 +152,7 @@ def test_a_changed_user_closes_the_old_users_idle_connections(cluster, configure
         finally:
             connection.close()
 
-    user, pid = gevent.spawn(whoami).get(timeout=10)
+    user, pid = gevent.spawn(whoami).get(timeout=30)
     assert user == "geventpool_rotated"
     assert pid != old_pid
     observer = raw_connect()

@@ -100,7 +100,7 @@ def test_greenlet_ending_without_returning_gives_the_slot_back_without_gc(
             holding = gevent.event.Event()
             worker = gevent.spawn(_forgetful_request, n, how, holding)
             if how == "killed":
-                holding.wait(5)  # killed while it holds the connection
+                holding.wait(30)  # killed while it holds the connection
                 worker.kill()
             else:
                 worker.join()
@@ -120,7 +120,7 @@ def test_greenlet_ending_without_returning_gives_the_slot_back_without_gc(
             pids.append(backend_pid())
             if len(pids) == 2:
                 both_held.set()
-            assert both_held.wait(5), "the other slot was not usable meanwhile"
+            assert both_held.wait(30), "the other slot was not usable meanwhile"
 
         both = [gevent.spawn(hold_one) for _ in range(2)]
         gevent.joinall(both, raise_error=True)

@@ -346,7 +346,7 @@ def test_all_peers_down_waits_then_times_out_naming_each_peer_then_recovers(
     waiting = gevent.spawn(serve_request)
     gevent.sleep(0.2)
     a.start()
-    assert waiting.get(timeout=10) == str(a.port)
+    assert waiting.get(timeout=30) == str(a.port)
     recovered = get_stats(PEERED)
     assert recovered["peer.peered.up"] == 1
     assert recovered["peer.peered.connections"] >= 1
@@ -372,7 +372,7 @@ def _held_requests(count: int, alias: str = PEERED) -> list[tuple[str, str]]:
                 answers.append(tuple(cursor.fetchone()))
             if len(answers) == count:
                 all_in.set()
-            all_in.wait(10)
+            all_in.wait(30)
         finally:
             connection.close()
 

@@ -137,11 +137,11 @@ def test_iterator_with_server_side_cursors_breaks_behind_transaction_pooling(
             with transaction.atomic():
                 Item.objects.exists()  # A is the idle server connection: it takes A
                 holding.set()
-                release.wait(5)
+                release.wait(30)
             connection.close()
 
         other = gevent.spawn(other_request)
-        holding.wait(5)
+        holding.wait(30)
         # The next FETCH lands on server connection B. (The driver's own error
         # class may surface: Django's cursor_iter closes the cursor unwrapped.)
         with pytest.raises(Exception, match=r'cursor "_django_curs_\w+" does not exist'):

@@ -180,7 +180,7 @@ def test_discard_hands_the_slot_to_a_waiter(server):
     waiter = gevent.spawn(pool.checkout, server.open)
     gevent.sleep(0)
     pool.discard(holder)
-    lease = waiter.get(timeout=5)
+    lease = waiter.get(timeout=30)
     assert lease.connection is not holder.connection
     assert holder.connection.closed
     assert len(server.opened) == 2
@@ -197,7 +197,7 @@ def test_a_checkout_served_a_broken_connection_counts_once_as_queued(server):
     wait_until(lambda: pool.get_stats()["requests_waiting"] == 1)
     holder.connection.server_goes_away()
     pool.checkin(holder)  # handed to the waiter, which finds it broken and waits again
-    lease = waiter.get(timeout=5)
+    lease = waiter.get(timeout=30)
     waited_ms = (monotonic() - started) * 1000
     assert lease.connection is not holder.connection
     stats = pool.get_stats()
