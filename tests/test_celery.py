@@ -25,7 +25,7 @@ APP_NAME = "geventpool-celery-test"
 MAX_CONNS = 5
 TASKS = 1000
 # How long the asyncio tasks' loop runs: ample for 50 sells on a busy machine.
-LOOP_SECONDS = 4.0
+LOOP_SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_transaction_mode_runs_more_tasks_at_once_than_max_conns(
         cluster,
         EXAMPLE_DB,
         MAX_CONNS=str(max_conns),
-        POOL_TIMEOUT="5",
+        POOL_TIMEOUT="30",
         POOL_MODE="transaction",
         DB_APPLICATION_NAME=APP_NAME + "-tx",
         CELERY_BROKER_URL=broker,

@@ -56,7 +56,7 @@ def _next_checkout_is_clean() -> int:
 
 
 def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, observer):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10)
     name = uuid.uuid4().hex
     inserted = Event()
 
@@ -76,7 +76,7 @@ def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, obs
 
 
 def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2, options=NOTICE_CLOSED_CLIENTS)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10, options=NOTICE_CLOSED_CLIENTS)
     name = uuid.uuid4().hex
     inserted = Event()
     pids = []

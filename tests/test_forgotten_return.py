@@ -27,7 +27,7 @@ def _query_and_close() -> int:
 
 
 def test_ten_forgetful_greenlets_in_a_row(configure_pool):
-    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=10)
     for _ in range(10):
         gevent.spawn(_query_and_forget).get(timeout=30)
     wait_until(lambda: get_stats()["connections_reclaimed"] == 10)
@@ -40,7 +40,7 @@ def test_ten_forgetful_greenlets_in_a_row(configure_pool):
 
 
 def test_forgetful_greenlets_at_once_with_waiters(configure_pool):
-    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=10)
     # Ten at once: eight of them wait, and are served by the reclaimed slots.
     greenlets = [gevent.spawn(_query_and_forget) for _ in range(10)]
     gevent.joinall(greenlets, raise_error=True)
@@ -50,7 +50,7 @@ def test_forgetful_greenlets_at_once_with_waiters(configure_pool):
 
 
 def test_raw_greenlet_connection_comes_back_when_garbage_collected(configure_pool):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10)
     # A plain greenlet (not a gevent Greenlet) cannot be watched for its end;
     # its Django connection object is the owner whose collection returns the slot.
     raw = greenlet.greenlet(_query_and_forget)

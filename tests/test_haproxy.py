@@ -134,7 +134,7 @@ def test_missing_binary_fails_with_the_command_to_run(monkeypatch):
 
 
 def test_haproxy_restart_under_load(haproxy, configure_pool):
-    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=5, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
+    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=15, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
     with Load(concurrency=8) as load:
         load.wait_for_requests(100)
         before = len(load.outcomes)

@@ -175,7 +175,7 @@ def test_not_ready_while_the_server_is_down(configure_pool, cluster):
     assert status == 503
     assert body["ready"] is False
     assert body["databases"]["default"].startswith("database unavailable")
-    wait_until(lambda: _ready()[0] == 200, timeout=10)
+    wait_until(lambda: _ready()[0] == 200)
 
 
 def test_not_ready_when_the_pool_is_closed(configure_pool):

@@ -24,7 +24,7 @@ from gevent.event import Event
 from django_db_geventpool import PoolTimeout, get_stats
 from django_db_geventpool.utils import close_connection, give_back_connections
 from tests.support.eventually import wait_until
-from tests.support.helpers import ServerConnectionSampler, query, raw_connect
+from tests.support.helpers import ServerConnectionSampler, checkout_timeout, query, raw_connect
 from tests.testapp.models import Item
 
 ROLE = "geventpool_pool_mode_role"
@@ -65,7 +65,7 @@ def tx_pool(configure_pool):
 
     def configure(**options):
         options.setdefault("MAX_CONNS", 1)
-        options.setdefault("POOL_TIMEOUT", 2)
+        options.setdefault("POOL_TIMEOUT", 10)
         return configure_pool(POOL_MODE="transaction", **options)
 
     return configure
@@ -80,7 +80,7 @@ def test_two_greenlets_share_one_connection_between_their_statements(tx_pool):
     In session mode the second greenlet's first query waits for the first
     greenlet's request to end, which waits for the second: a PoolTimeout.
     """
-    tx_pool(MAX_CONNS=1, POOL_TIMEOUT=2)
+    tx_pool(MAX_CONNS=1)
     first_done, second_done = Event(), Event()
     order = []
 
@@ -137,10 +137,10 @@ def test_a_checkout_unused_before_a_wait_goes_back(tx_pool):
 
 def test_session_mode_keeps_the_connection_for_the_request(configure_pool):
     # The contrast that makes the test above meaningful.
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.5)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=30)  # the connect: never a race
     pid_of_statement()
     assert held() == 1
-    with pytest.raises(PoolTimeout):
+    with checkout_timeout(0.5), pytest.raises(PoolTimeout):
         gevent.spawn(pid_of_statement).get(timeout=30)
 
 
