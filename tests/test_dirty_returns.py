@@ -168,7 +168,7 @@ def _query_interrupted_by_a_timeout(observer, sleep_seconds: int) -> tuple[int, 
 
     greenlet = gevent.spawn(request)
     wait_until_running(observer, sql)
-    greenlet.kill(gevent.Timeout(), block=True, timeout=10)
+    greenlet.kill(gevent.Timeout(), block=True, timeout=30)
     assert isinstance(seen.get("interrupted"), gevent.Timeout), seen
     return seen["pid"], seen["raw"]  # type: ignore[return-value]
 
