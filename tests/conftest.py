@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 import gevent.monkey
 import pytest
 
@@ -44,6 +45,15 @@ def pytest_configure(config: pytest.Config) -> None:
             "python -m gevent.monkey --module pytest (or: make test)"
         )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings.psycopg3")
+    # gevent reaps children through its SIGCHLD handler, installed with the first
+    # child watcher -- which os.fork() (gevent's) creates in the parent only after the
+    # fork. A child that exits before that (a busy machine runs the child first) is
+    # never reaped, and gevent's os.waitpid() then waits forever: seen with the fork
+    # tests, whenever one was the first to start a child in the process. Install the
+    # handler before any test forks.
+    install_sigchld = getattr(gevent.get_hub().loop, "install_sigchld", None)
+    if install_sigchld is not None:
+        install_sigchld()
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:
