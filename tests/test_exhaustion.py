@@ -14,8 +14,8 @@ from django_db_geventpool import PoolTimeout, get_stats
 from tests.support.eventually import wait_until
 from tests.support.helpers import (
     backend_pid,
-    request_pid,
     checkout_timeout,
+    request_pid,
     terminate_backend,
 )
 

@@ -153,12 +153,8 @@ def test_multiprocess_metrics_sum_every_worker(served):
     expected_open = sum(int(s["pool_size"]) for s in per_worker)
 
     # The gauges are copied every GEVENTPOOL_METRICS_INTERVAL (1 s) by each worker.
-    wait_until(
-        lambda: _total(_scrape(port), "db_client_connection_max") == expected_max
-    )
-    wait_until(
-        lambda: _total(_scrape(port), "db_client_connection_count") == expected_open
-    )
+    wait_until(lambda: _total(_scrape(port), "db_client_connection_max") == expected_max)
+    wait_until(lambda: _total(_scrape(port), "db_client_connection_count") == expected_open)
     after = _scrape(port)
     # The histograms are observed as the pools record: exactly one sample per request.
     wait = "db_client_connection_wait_time_seconds_count"

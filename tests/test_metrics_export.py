@@ -20,7 +20,7 @@ from django_db_geventpool import PoolTimeout, get_stats, otel, prometheus
 from django_db_geventpool.histogram import BOUNDS
 from django_db_geventpool.pool import ConnectionPool
 from tests.support.eventually import wait_until
-from tests.support.helpers import backend_pid, request_pid, checkout_timeout
+from tests.support.helpers import backend_pid, checkout_timeout, request_pid
 
 CHECKOUTS = 6
 

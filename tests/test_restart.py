@@ -34,7 +34,10 @@ MAX_BACKOFF = 2.0
 def test_requests_that_start_during_a_restart_wait_for_the_server(cluster, configure_pool):
     configure_pool(
         # Far longer than a restart takes, even on a loaded machine.
-        MAX_CONNS=MAX_CONNS, POOL_TIMEOUT=60, CONNECT_RETRIES=1, CONNECT_RETRY_DELAY=RETRY_DELAY
+        MAX_CONNS=MAX_CONNS,
+        POOL_TIMEOUT=60,
+        CONNECT_RETRIES=1,
+        CONNECT_RETRY_DELAY=RETRY_DELAY,
     )
     # (started, ended, error, failed at checkout) of each request.
     outcomes: list[tuple[float, float, BaseException | None, bool]] = []
