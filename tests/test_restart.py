@@ -19,6 +19,7 @@ from django.db import connection
 from gevent.event import Event
 
 from django_db_geventpool import PoolTimeout, get_stats
+from django_db_geventpool import pool as pool_module
 from tests.support.eventually import wait_until
 from tests.testapp.models import Item
 
@@ -27,8 +28,9 @@ logger = logging.getLogger(__name__)
 WORKERS = 50
 MAX_CONNS = 10
 RETRY_DELAY = 0.05
-# pool.py's cap on the connect backoff; the jitter makes a round at least half of it.
-MAX_BACKOFF = 2.0
+# pool.py's cap on the connect backoff (read from there, so that the bound below follows
+# it); the jitter makes a round at least half of it.
+MAX_BACKOFF = pool_module._MAX_BACKOFF
 
 
 def test_requests_that_start_during_a_restart_wait_for_the_server(cluster, configure_pool):
