@@ -13,9 +13,11 @@ fixture with one that touches no database.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 import gevent.monkey
 import pytest
 
@@ -43,6 +45,15 @@ def pytest_configure(config: pytest.Config) -> None:
             "python -m gevent.monkey --module pytest (or: make test)"
         )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings.psycopg3")
+    # gevent reaps children through its SIGCHLD handler, installed with the first
+    # child watcher -- which os.fork() (gevent's) creates in the parent only after the
+    # fork. A child that exits before that (a busy machine runs the child first) is
+    # never reaped, and gevent's os.waitpid() then waits forever: seen with the fork
+    # tests, whenever one was the first to start a child in the process. Install the
+    # handler before any test forks.
+    install_sigchld = getattr(gevent.get_hub().loop, "install_sigchld", None)
+    if install_sigchld is not None:
+        install_sigchld()
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:
@@ -137,6 +148,33 @@ def fresh_pool(cluster):
         registry.close_all()
         settings_dict.clear()
         settings_dict.update(saved)
+        _wait_until_the_pools_backends_ended()
+
+
+def _wait_until_the_pools_backends_ended(timeout: float = 10.0) -> None:
+    """Let the server finish ending the backends of the connections just closed.
+
+    A backend ends after its client closed the connection, on its own time: on a
+    loaded machine it can still be listed in pg_stat_activity when the next test
+    counts the pool's backends. Best effort, bounded: a test that left a connection
+    in use (and so a backend) has its own assertions; the next test runs anyway.
+    """
+    import gevent
+
+    from tests.support.helpers import pool_pids, raw_connect
+
+    try:
+        observer = raw_connect()
+    except Exception:  # the server is down: nothing is listed anyway
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while pool_pids(observer) and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+    except Exception:
+        pass
+    finally:
+        observer.close()
 
 
 @pytest.fixture

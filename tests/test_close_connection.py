@@ -32,7 +32,7 @@ def test_decorator_without_parentheses():
         _use_connection()
         return x * 2
 
-    assert gevent.spawn(task, 21).get(timeout=5) == 42
+    assert gevent.spawn(task, 21).get(timeout=30) == 42
     assert task.__name__ == "task" and task.__doc__ == "A task."
     assert _given_back()
 
@@ -42,7 +42,7 @@ def test_decorator_with_parentheses():
     def task():
         return _use_connection()
 
-    assert gevent.spawn(task).get(timeout=5) > 0
+    assert gevent.spawn(task).get(timeout=30) > 0
     assert _given_back()
 
 
@@ -53,7 +53,7 @@ def test_context_manager():
         # Given back at the end of the block, while the greenlet still runs.
         return get_stats()["pool_available"]
 
-    assert gevent.spawn(task).get(timeout=5) == 1
+    assert gevent.spawn(task).get(timeout=30) == 1
     assert _given_back()
 
 
@@ -64,7 +64,7 @@ def test_gives_back_on_exception():
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        gevent.spawn(task).get(timeout=5)
+        gevent.spawn(task).get(timeout=30)
     assert _given_back()
 
 
@@ -78,7 +78,7 @@ def test_gives_back_when_the_greenlet_is_killed():
         gevent.sleep(30)
 
     greenlet = gevent.spawn(task)
-    inside.wait(5)
+    inside.wait(30)
     greenlet.kill()
     assert greenlet.dead
     assert _given_back()
@@ -97,7 +97,7 @@ def test_harmless_when_nothing_is_open():
     def task():
         return "done"
 
-    assert gevent.spawn(task).get(timeout=5) == "done"
+    assert gevent.spawn(task).get(timeout=30) == "done"
     with close_connection():
         pass
     assert get_stats()["pool_size"] == 0
@@ -117,7 +117,7 @@ def test_old_import_path():
     def task():
         return _use_connection()
 
-    assert gevent.spawn(task).get(timeout=5) > 0
+    assert gevent.spawn(task).get(timeout=30) > 0
     assert _given_back()
 
 
@@ -169,7 +169,7 @@ def test_gives_back_every_alias_and_treats_other_backends_as_a_request_end(more_
         connections["plain_persistent"].close()
         return still_open
 
-    still_open = gevent.spawn(request).get(timeout=10)
+    still_open = gevent.spawn(request).get(timeout=30)
     # Both pools got their connection back; Django's backend closed the CONN_MAX_AGE=0
     # connection and kept the persistent one, as at the end of a request.
     assert still_open == {

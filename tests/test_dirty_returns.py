@@ -52,11 +52,11 @@ def _next_checkout_is_clean() -> int:
         finally:
             connection.close()
 
-    return gevent.spawn(check).get(timeout=5)
+    return gevent.spawn(check).get(timeout=30)
 
 
 def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, observer):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10)
     name = uuid.uuid4().hex
     inserted = Event()
 
@@ -67,7 +67,7 @@ def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, obs
             gevent.sleep(30)
 
     greenlet = gevent.spawn(doomed)
-    assert inserted.wait(5)
+    assert inserted.wait(30)
     greenlet.kill()
     wait_until(lambda: get_stats()["pool_size"] == get_stats()["pool_available"])
     assert pool_backends(observer, "idle in transaction") == []
@@ -76,7 +76,7 @@ def test_greenlet_killed_inside_atomic_leaves_nothing_behind(configure_pool, obs
 
 
 def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2, options=NOTICE_CLOSED_CLIENTS)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10, options=NOTICE_CLOSED_CLIENTS)
     name = uuid.uuid4().hex
     inserted = Event()
     pids = []
@@ -91,7 +91,7 @@ def test_greenlet_killed_during_a_query_inside_atomic(configure_pool, observer):
                 cursor.execute("SELECT pg_sleep(30)")
 
     greenlet = gevent.spawn(doomed)
-    assert inserted.wait(5)
+    assert inserted.wait(30)
     wait_until_running(observer, "SELECT pg_sleep(30)")  # the server is in the query now
     greenlet.kill()
     # The connection of the killed query is closed, not reused; the server
@@ -168,7 +168,7 @@ def _query_interrupted_by_a_timeout(observer, sleep_seconds: int) -> tuple[int, 
 
     greenlet = gevent.spawn(request)
     wait_until_running(observer, sql)
-    greenlet.kill(gevent.Timeout(), block=True, timeout=10)
+    greenlet.kill(gevent.Timeout(), block=True, timeout=30)
     assert isinstance(seen.get("interrupted"), gevent.Timeout), seen
     return seen["pid"], seen["raw"]  # type: ignore[return-value]
 

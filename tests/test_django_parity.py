@@ -30,7 +30,7 @@ def _in_request(func, *args):
         finally:
             connection.close()
 
-    return gevent.spawn(request).get(timeout=10)
+    return gevent.spawn(request).get(timeout=30)
 
 
 def _fetch(sql: str, params=None):
@@ -148,7 +148,7 @@ def test_conn_health_checks_and_persistent_conn_max_age_are_harmless(
             request_finished.send(sender=None)
 
     def run_request():
-        return gevent.spawn(django_request).get(timeout=10)
+        return gevent.spawn(django_request).get(timeout=30)
 
     first = run_request()
     assert get_stats()["pool_available"] == 1  # back in the pool despite CONN_MAX_AGE=None

@@ -27,9 +27,9 @@ def _query_and_close() -> int:
 
 
 def test_ten_forgetful_greenlets_in_a_row(configure_pool):
-    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=10)
     for _ in range(10):
-        gevent.spawn(_query_and_forget).get(timeout=5)
+        gevent.spawn(_query_and_forget).get(timeout=30)
     wait_until(lambda: get_stats()["connections_reclaimed"] == 10)
     greenlets = [gevent.spawn(_query_and_close) for _ in range(20)]
     gevent.joinall(greenlets, raise_error=True)
@@ -40,17 +40,17 @@ def test_ten_forgetful_greenlets_in_a_row(configure_pool):
 
 
 def test_forgetful_greenlets_at_once_with_waiters(configure_pool):
-    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=2, POOL_TIMEOUT=10)
     # Ten at once: eight of them wait, and are served by the reclaimed slots.
     greenlets = [gevent.spawn(_query_and_forget) for _ in range(10)]
     gevent.joinall(greenlets, raise_error=True)
     wait_until(lambda: get_stats()["connections_reclaimed"] == 10)
-    assert gevent.spawn(_query_and_close).get(timeout=5) > 0
+    assert gevent.spawn(_query_and_close).get(timeout=30) > 0
     assert get_stats()["requests_errors"] == 0
 
 
 def test_raw_greenlet_connection_comes_back_when_garbage_collected(configure_pool):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=2)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=10)
     # A plain greenlet (not a gevent Greenlet) cannot be watched for its end;
     # its Django connection object is the owner whose collection returns the slot.
     raw = greenlet.greenlet(_query_and_forget)
@@ -68,4 +68,4 @@ def test_raw_greenlet_connection_comes_back_when_garbage_collected(configure_poo
     wait_until(collected_and_reclaimed)
     assert get_stats()["pool_available"] == 1
     # MAX_CONNS=1: the same server connection serves the next request.
-    assert gevent.spawn(_query_and_close).get(timeout=5) == pid
+    assert gevent.spawn(_query_and_close).get(timeout=30) == pid

@@ -22,6 +22,7 @@ import pytest
 from django.db import connection, connections
 
 from django_db_geventpool import get_stats
+from tests.support.eventually import wait_until
 from tests.support.helpers import (
     backend_pid,
     pool_pids,
@@ -51,7 +52,7 @@ def _open_idle_connections(count: int) -> set[int]:
         pids.append(backend_pid())
         if len(pids) == count:
             all_held.set()
-        assert all_held.wait(10), "the other connections were never held at the same time"
+        assert all_held.wait(30), "the other connections were never held at the same time"
         connection.close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
@@ -147,7 +148,7 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
             os.close(read_fd)
     worker.join()
     if in_flight is not None:
-        assert in_flight.get(timeout=10) in parent_side
+        assert in_flight.get(timeout=30) in parent_side
 
     assert report.get("ok"), report.get("error", report)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -169,8 +170,11 @@ def test_child_never_touches_the_parents_connections(configure_pool, query_in_fl
     assert stats["connections_num"] == stats_before["connections_num"]
     observer = raw_connect()
     try:
+        # The child closed its own connections before it exited; their backends end
+        # on their own time (later on a loaded machine): wait for that, not a moment.
+        child_side = set(report["pids"])
+        wait_until(lambda: not child_side & pool_pids(observer))
         alive = pool_pids(observer)
     finally:
         observer.close()
     assert parent_side <= alive
-    assert not set(report["pids"]) & alive  # the child's own connections were closed

@@ -40,7 +40,15 @@ def example_db(cluster) -> int:
 @pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
 def test_gunicorn_gevent_workers_stay_under_the_cap(cluster, example_db, tmp_path, preload):
     products = example_db
-    env = example_env(cluster, EXAMPLE_DB, MAX_CONNS=str(MAX_CONNS), DB_APPLICATION_NAME=APP_NAME)
+    # POOL_TIMEOUT: generous, as waiting is not what this test is about (100 clients
+    # queue on 2 x 5 connections, on a machine that may be busy).
+    env = example_env(
+        cluster,
+        EXAMPLE_DB,
+        MAX_CONNS=str(MAX_CONNS),
+        POOL_TIMEOUT="30",
+        DB_APPLICATION_NAME=APP_NAME,
+    )
     # With --preload the master imports the app and runs a query before forking.
     app = "tests.support.preload_wsgi" if preload else "project.wsgi"
     extra = ("--preload",) if preload else ()
@@ -107,7 +115,7 @@ def test_gunicorn_workers_warm_up_min_conns_before_any_request(cluster, example_
         gunicorn, _ = start_gunicorn(env, tmp_path / "gunicorn.log", workers=WORKERS)
         try:
             # No request is sent: only the warm-up can open these.
-            warm = sampler.wait_for(WORKERS * 3, timeout=20)
+            warm = sampler.wait_for(WORKERS * 3, timeout=60)
             returncode = gunicorn.stop()
         finally:
             gunicorn.kill_group()
@@ -136,7 +144,7 @@ def test_transaction_mode_serves_more_requests_at_once_than_max_conns(
         cluster,
         EXAMPLE_DB,
         MAX_CONNS=str(max_conns),
-        POOL_TIMEOUT="5",
+        POOL_TIMEOUT="30",
         POOL_MODE="transaction",
         DB_APPLICATION_NAME=APP_NAME,
     )

@@ -100,7 +100,7 @@ def test_drain_reaches_every_worker_and_new_connections_follow(served, cluster):
         answered = {int(line.split()[1].rstrip(":")) for line in lines}
         assert workers <= answered
         # Every idle connection of every worker was closed (no request is running).
-        wait_until(lambda: not (_server_pids(observer) & before), timeout=10)
+        wait_until(lambda: not (_server_pids(observer) & before))
         _load(port)
         after = _server_pids(observer)
         assert after and not (after & before)
@@ -135,8 +135,14 @@ def _total(samples: dict, name: str) -> float:
 def test_multiprocess_metrics_sum_every_worker(served):
     _gunicorn, port, env = served
     before = _scrape(port)
-    workers = _load(port)
-    assert len(workers) == WORKERS  # both workers served, so both pools exist
+    # Both workers must serve, so that both pools exist. The kernel decides which
+    # worker accepts: on a busy machine one may take a whole load, so load again.
+    workers: set[int] = set()
+    loads = 0
+    while len(workers) < WORKERS and loads < 10:
+        workers |= _load(port)
+        loads += 1
+    assert len(workers) == WORKERS, f"one worker served all {loads} loads"
     stats = _manage(env, "stats")
     assert stats.returncode == 0, stats.stderr
     per_worker = [
@@ -147,16 +153,12 @@ def test_multiprocess_metrics_sum_every_worker(served):
     expected_open = sum(int(s["pool_size"]) for s in per_worker)
 
     # The gauges are copied every GEVENTPOOL_METRICS_INTERVAL (1 s) by each worker.
-    wait_until(
-        lambda: _total(_scrape(port), "db_client_connection_max") == expected_max, timeout=10
-    )
-    wait_until(
-        lambda: _total(_scrape(port), "db_client_connection_count") == expected_open, timeout=10
-    )
+    wait_until(lambda: _total(_scrape(port), "db_client_connection_max") == expected_max)
+    wait_until(lambda: _total(_scrape(port), "db_client_connection_count") == expected_open)
     after = _scrape(port)
     # The histograms are observed as the pools record: exactly one sample per request.
     wait = "db_client_connection_wait_time_seconds_count"
-    assert _total(after, wait) - _total(before, wait) == REQUESTS
+    assert _total(after, wait) - _total(before, wait) == REQUESTS * loads
     use = "db_client_connection_use_time_seconds_count"
-    assert _total(after, use) - _total(before, use) == REQUESTS
+    assert _total(after, use) - _total(before, use) == REQUESTS * loads
     assert _total(after, "db_client_connection_wait_time_seconds_bucket") > 0

@@ -51,7 +51,7 @@ def _hold_connections(count: int) -> list[int]:
             pids.append(cursor.fetchone()[0])
         if len(pids) == count:
             all_held.set()
-        assert all_held.wait(10), "the connections were never all held at once"
+        assert all_held.wait(30), "the connections were never all held at once"
         connection.close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
@@ -134,7 +134,7 @@ def test_missing_binary_fails_with_the_command_to_run(monkeypatch):
 
 
 def test_haproxy_restart_under_load(haproxy, configure_pool):
-    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=5, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
+    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=15, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
     with Load(concurrency=8) as load:
         load.wait_for_requests(100)
         before = len(load.outcomes)

@@ -20,7 +20,7 @@ from django_db_geventpool import PoolTimeout, get_stats, otel, prometheus
 from django_db_geventpool.histogram import BOUNDS
 from django_db_geventpool.pool import ConnectionPool
 from tests.support.eventually import wait_until
-from tests.support.helpers import backend_pid, request_pid
+from tests.support.helpers import backend_pid, checkout_timeout, request_pid
 
 CHECKOUTS = 6
 
@@ -40,12 +40,14 @@ def _workload(while_held) -> None:
             connection.close()
 
     holder = gevent.spawn(hold)
-    held.wait(timeout=10)
-    with pytest.raises(PoolTimeout):
+    assert held.wait(timeout=30)
+    # The pool's connect happened above under a generous POOL_TIMEOUT: only this
+    # checkout, which must time out, waits briefly.
+    with checkout_timeout(0.2), pytest.raises(PoolTimeout):
         request_pid()
     while_held()
     release.set()
-    holder.get(timeout=10)
+    holder.get(timeout=30)
 
 
 # -- OpenTelemetry --------------------------------------------------------------------
@@ -97,7 +99,7 @@ def _value(points, name: str, **attributes: str) -> int:
 
 
 def test_opentelemetry_reports_the_semantic_convention_metrics(configure_pool, otel_reader):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.2, REUSE_CONNS=1)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=30, REUSE_CONNS=1)
     before = _otel_points(otel_reader)
     timeouts_before = sum(p.value for p in before.get("db.client.connection.timeouts", []))
     counts_before = {
@@ -147,16 +149,18 @@ def test_opentelemetry_reports_the_semantic_convention_metrics(configure_pool, o
 
 
 def test_pending_requests_counts_queued_checkouts(configure_pool, otel_reader):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.5)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=30)
     seen: dict[str, Any] = {}
+    waiters: list[gevent.Greenlet] = []
 
     def queued_checkout_then_read() -> None:
-        waiter = gevent.spawn(request_pid)
+        # It waits with the generous POOL_TIMEOUT: served once the holder lets go.
+        waiters.append(gevent.spawn(request_pid))
         wait_until(lambda: get_stats()["requests_waiting"] == 1)
         seen.update(_otel_points(otel_reader))
-        waiter.join()
 
     _workload(queued_checkout_then_read)
+    assert waiters[0].get(timeout=30) > 0
     assert _value(seen, "db.client.connection.pending_requests") == 1
 
 
@@ -201,7 +205,7 @@ def _sample(families, family: str, sample: str, **labels: str) -> float:
 
 
 def test_prometheus_exposition_has_the_same_measures(configure_pool):
-    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=0.2)
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=30)
     held: dict[str, Any] = {}
     _workload(lambda: held.update(_scrape()))
     families = _scrape()

@@ -22,7 +22,7 @@ def _stats_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "django_db_geventpool.statslog"]
 
 
-def _wait_for_lines(caplog, count: int, deadline_seconds: float = 5.0) -> list[str]:
+def _wait_for_lines(caplog, count: int, deadline_seconds: float = 30.0) -> list[str]:
     deadline = time.monotonic() + deadline_seconds
     while len(_stats_lines(caplog)) < count and time.monotonic() < deadline:
         gevent.sleep(0.01)
@@ -87,8 +87,11 @@ def test_stats_log_line_every_interval_until_the_pool_closes(configure_pool, cap
     configure_pool(STATS_LOG_INTERVAL=0.05)
     Item.objects.count()
     connection.close()
-    lines = _wait_for_lines(caplog, 2)
-    assert len(lines) >= 2
+    # Lines logged so far may predate the close (a slow connect spans intervals):
+    # the one checked is logged after it.
+    wanted = max(2, len(_stats_lines(caplog)) + 1)
+    lines = _wait_for_lines(caplog, wanted)
+    assert len(lines) >= wanted
     line = lines[-1]
     assert line.startswith(f"pool 'default' pid={os.getpid()} ")
     pairs = dict(item.split("=", 1) for item in line.split()[3:])

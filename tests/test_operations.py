@@ -40,7 +40,7 @@ class Holder:
 
     def release(self) -> None:
         self._release.set()
-        self.greenlet.get(timeout=10)
+        self.greenlet.get(timeout=30)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_shrinking_waits_for_returns_and_never_takes_a_connection(configure_pool
     assert not waiter.ready() and get_stats()["requests_waiting"] == 1
 
     holders[2].release()
-    assert waiter.get(timeout=10) == holders[2].pid  # under the new cap: reused
+    assert waiter.get(timeout=30) == holders[2].pid  # under the new cap: reused
     assert [h.after for h in holders] == [h.pid for h in holders]
     stats = get_stats()
     assert stats["pool_size"] == stats["pool_available"] == 1
@@ -106,7 +106,7 @@ def test_growing_serves_a_waiter_at_once(configure_pool, observer, caplog):
     wait_until(lambda: get_stats()["requests_waiting"] == 1)
 
     django_db_geventpool.resize("default", 2)
-    served = waiter.get(timeout=10)  # while the holder still holds
+    served = waiter.get(timeout=30)  # while the holder still holds
     assert served != holder.pid and holder.greenlet.dead is False
     assert pool_pids(observer) == {holder.pid, served}
     holder.release()
@@ -175,7 +175,7 @@ def test_not_ready_while_the_server_is_down(configure_pool, cluster):
     assert status == 503
     assert body["ready"] is False
     assert body["databases"]["default"].startswith("database unavailable")
-    wait_until(lambda: _ready()[0] == 200, timeout=10)
+    wait_until(lambda: _ready()[0] == 200)
 
 
 def test_not_ready_when_the_pool_is_closed(configure_pool):

@@ -137,11 +137,11 @@ def test_iterator_with_server_side_cursors_breaks_behind_transaction_pooling(
             with transaction.atomic():
                 Item.objects.exists()  # A is the idle server connection: it takes A
                 holding.set()
-                release.wait(5)
+                release.wait(30)
             connection.close()
 
         other = gevent.spawn(other_request)
-        holding.wait(5)
+        holding.wait(30)
         # The next FETCH lands on server connection B. (The driver's own error
         # class may surface: Django's cursor_iter closes the cursor unwrapped.)
         with pytest.raises(Exception, match=r'cursor "_django_curs_\w+" does not exist'):
@@ -195,7 +195,7 @@ def test_pool_option_is_not_passed_to_the_driver(pgbouncer):
 
 
 def test_pgbouncer_restart_under_load(pgbouncer, configure_pool):
-    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=5, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
+    configure_pool(MAX_CONNS=4, POOL_TIMEOUT=15, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
     with Load(concurrency=8) as load:
         load.wait_for_requests(100)
         pgbouncer.stop()
@@ -210,7 +210,7 @@ def test_pgbouncer_restart_under_load(pgbouncer, configure_pool):
     assert stats["requests_waiting"] == 0
 
 
-def _wait_until_serving(timeout: float = 10.0) -> None:
+def _wait_until_serving(timeout: float = 30.0) -> None:
     """Return once a new connection through pgbouncer runs a query."""
     deadline = monotonic() + timeout
     while True:
@@ -245,7 +245,7 @@ def test_postgresql_restart_behind_pgbouncer(cluster, fresh_pool, configure_pool
     bouncer.start()
     _route_default_alias_through(bouncer)
     try:
-        configure_pool(MAX_CONNS=4, POOL_TIMEOUT=5, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
+        configure_pool(MAX_CONNS=4, POOL_TIMEOUT=15, CONNECT_RETRIES=2, CONNECT_RETRY_DELAY=0.05)
         with Load(concurrency=8) as load:
             load.wait_for_requests(100)
             cluster.restart()

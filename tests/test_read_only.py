@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 TEST_DB = "geventpool_test"
 CHECK_INTERVAL = 1.0
 MAX_CONNS = 4
+# After a switch, by when every connection has learned of it (one statement each,
+# once the server has applied its reload): CHECK_INTERVAL plus generous slack,
+# since on a loaded machine the postmaster's reload and the requests run late.
+SETTLE = CHECK_INTERVAL + 3
 SINGLE, PEERED, PEER_B = "ro_single", "ro_peered", "ro_b"
 
 
@@ -126,6 +130,9 @@ class WriteLoad:
     def count(self, since: float = 0.0) -> int:
         return sum(1 for o in self.outcomes if o[0] > since)
 
+    def successes(self, since: float = 0.0) -> int:
+        return sum(1 for o in self.outcomes if o[0] > since and o[2] is None)
+
     def errors(self, since: float = 0.0, until: float = float("inf")) -> list[BaseException]:
         return [e for s, _, e, _ in self.outcomes if e is not None and since < s <= until]
 
@@ -148,25 +155,25 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     )
     load = WriteLoad(SINGLE)
     try:
-        wait_until(lambda: load.count() >= 100, timeout=20)
+        wait_until(lambda: load.count() >= 100, timeout=60)
         set_read_only(a, True)
         switched = monotonic()
-        wait_until(lambda: monotonic() > switched + CHECK_INTERVAL + 3, timeout=20)
+        # Read-only for SETTLE and 3 s more: in those 3 s checkouts (POOL_TIMEOUT
+        # 1.5 s) wait and time out.
+        wait_until(lambda: monotonic() > switched + SETTLE + 3, timeout=60)
         set_read_only(a, False)
         writable_again = monotonic()
-        wait_until(
-            lambda: any(s > writable_again and e is None for s, _, e, _ in load.outcomes),
-            timeout=20,
-        )
+        # Writable again: writes succeed again, and go on succeeding.
+        wait_until(lambda: load.successes(since=writable_again) >= 100, timeout=60)
     finally:
         load.stop()
     read_only_failures = [
         e for s, _, e, _ in load.outcomes if e is not None and sqlstate(e) == "25006"
     ]
-    late = load.errors(since=switched + CHECK_INTERVAL + 1, until=writable_again)
+    late = load.errors(since=switched + SETTLE, until=writable_again)
     stats = get_stats(SINGLE)
     logger.info(
-        "read-only, alone: %s; 25006 failures %d; errors after CHECK_INTERVAL+1 s: %s; stats %s",
+        "read-only, alone: %s; 25006 failures %d; errors after SETTLE: %s; stats %s",
         load.summary(),
         len(read_only_failures),
         sorted({f"{type(e).__name__}: {str(e)[:160]}" for e in late}),
@@ -178,11 +185,14 @@ def test_a_lone_server_turned_read_only_is_no_longer_handed_out(writable):
     assert len(read_only_failures) <= MAX_CONNS
     assert stats["connections_read_only"] >= 1
     # Later: no writable server, so checkouts wait and time out saying why.
+    assert late, "no checkout timed out while the server was read-only"
     assert all(isinstance(e, PoolTimeout) for e in late)
     assert all("read-only" in str(e) for e in late)
     assert not any(sqlstate(e) == "25006" for e in late)
-    # Writable again: writes succeed again.
-    assert load.errors(since=writable_again + CHECK_INTERVAL + 2.5) == []
+    # Writable again: the latest writes all succeeded (counted, not timed: how soon
+    # the pool's next connect comes depends on its backoff and on the machine).
+    tail = sorted(load.outcomes, key=lambda outcome: outcome[0])[-50:]
+    assert all(error is None for _, _, error, _ in tail), load.summary()
 
 
 def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
@@ -199,11 +209,11 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     }
     load = WriteLoad(PEERED)
     try:
-        wait_until(lambda: load.count() >= 100, timeout=20)
+        wait_until(lambda: load.count() >= 100, timeout=60)
         assert {p for _, p, e, _ in load.outcomes if e is None} == {str(a.port), str(b.port)}
         set_read_only(a, True)
         switched = monotonic()
-        wait_until(lambda: load.count(since=switched + CHECK_INTERVAL + 1) >= 300, timeout=30)
+        wait_until(lambda: load.count(since=switched + SETTLE) >= 300, timeout=60)
         stats = get_stats(PEERED)
     finally:
         load.stop()
@@ -221,9 +231,9 @@ def test_a_peer_turned_read_only_is_left_for_a_writable_peer(writable):
     assert len(read_only_failures) <= MAX_CONNS
     others = [e for e in load.errors() if sqlstate(e) != "25006"]
     assert not others, sorted({f"{type(e).__name__}: {str(e)[:300]}" for e in others})
-    # Errors stop within CHECK_INTERVAL + 1 s; writes go to the writable peer.
-    assert load.errors(since=switched + CHECK_INTERVAL + 1) == []
-    after = [p for s, p, e, _ in load.outcomes if s > switched + CHECK_INTERVAL + 1]
+    # Errors stop within SETTLE; writes go to the writable peer.
+    assert load.errors(since=switched + SETTLE) == []
+    after = [p for s, p, e, _ in load.outcomes if s > switched + SETTLE]
     assert set(after) == {str(b.port)}
     assert stats[f"peer.{PEERED}.up"] == 0
     assert stats["connections_read_only"] >= 1

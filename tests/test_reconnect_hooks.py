@@ -13,6 +13,7 @@ import logging
 from time import monotonic
 
 import gevent
+import gevent.event
 import pytest
 from django.db import OperationalError, connections
 
@@ -128,15 +129,23 @@ def _terminate_sessions(server: PostgresCluster) -> None:
 
 
 def _warm_up(count: int) -> list[int]:
-    """Check out ``count`` connections at once and give them back; their pids."""
+    """Check out ``count`` connections at once and give them back; their pids.
+
+    Each holds its connection until all have one (a barrier, not a timed hold: on a
+    loaded machine one connect can outlast another request's hold, and that
+    request's connection would then serve the late one).
+    """
     pids = []
+    all_in = gevent.event.Event()
 
     def hold():
-        pids.append(backend_pid(ALIAS))
-        # Hold until every greenlet holds one: a connection given back earlier would
-        # serve a greenlet still waiting for its connect, whatever the machine's speed.
-        wait_until(lambda: len(pids) == count, timeout=30)
-        connections[ALIAS].close()
+        try:
+            pids.append(backend_pid(ALIAS))
+            if len(pids) == count:
+                all_in.set()
+            assert all_in.wait(30), "the connections were never all held at once"
+        finally:
+            connections[ALIAS].close()
 
     gevent.joinall([gevent.spawn(hold) for _ in range(count)], raise_error=True)
     return pids

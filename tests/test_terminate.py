@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gevent
+import gevent.event
 from django.db import connection
 
 from django_db_geventpool import get_stats
@@ -10,17 +11,29 @@ from tests.support.helpers import pool_pids, raw_connect, request_pid, terminate
 
 
 def _fill_pool(size: int) -> set[int]:
-    def slow_request() -> int:
+    """``size`` requests that hold their connections until all have one: ``size`` pids.
+
+    A barrier, not a server-side sleep: on a loaded machine one connect can take
+    longer than another request's whole query, and that request's connection would
+    then serve the late one.
+    """
+    all_in = gevent.event.Event()
+    pids: list[int] = []
+
+    def request() -> None:
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid(), pg_sleep(0.05)")
-                return cursor.fetchone()[0]
+                cursor.execute("SELECT pg_backend_pid()")
+                pids.append(cursor.fetchone()[0])
+            if len(pids) == size:
+                all_in.set()
+            assert all_in.wait(30), "the connections were never all held at once"
         finally:
             connection.close()
 
-    greenlets = [gevent.spawn(slow_request) for _ in range(size)]
+    greenlets = [gevent.spawn(request) for _ in range(size)]
     gevent.joinall(greenlets, raise_error=True)
-    return {g.value for g in greenlets}
+    return set(pids)
 
 
 def test_every_idle_connection_terminated_then_200_requests_succeed(configure_pool):

@@ -19,7 +19,9 @@ from tests.support.eventually import wait_until
 from tests.support.helpers import pool_pids, raw_connect, terminate_backend
 from tests.support.proxies import HAProxy
 
-IDLE_TIMEOUT = 1.0
+# HAProxy's idle timeout: well above KEEPALIVE_INTERVAL (0.3 s), so that a keepalive
+# that runs late on a loaded machine still comes before HAProxy's cut.
+IDLE_TIMEOUT = 2.0
 
 
 @pytest.fixture

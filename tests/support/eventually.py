@@ -11,11 +11,13 @@ __all__ = ["wait_until"]
 
 
 def wait_until(
-    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
+    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.01
 ) -> None:
     """Yield to the hub until ``predicate()`` is true; fail after ``timeout`` seconds.
 
-    The bound is a safety net against a hanging test, not a speed assertion.
+    The bound is a safety net against a hanging test, not a speed assertion: it is
+    generous (30 s by default) because on a loaded 2-core machine a connect, a
+    backend's exit or a server restart can take seconds.
     """
     deadline = monotonic() + timeout
     while not predicate():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import monotonic
 
 import gevent
@@ -69,13 +71,13 @@ def running(conn, sql: str, application_name: str = TEST_APPLICATION_NAME) -> se
     }
 
 
-def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 10.0) -> set[int]:
+def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 30.0) -> set[int]:
     """Wait until ``count`` pooled backends run ``sql`` (the query is in flight); their pids."""
     wait_until(lambda: len(running(conn, sql)) >= count, timeout=timeout)
     return running(conn, sql)
 
 
-def wait_until_gone(conn, *pids: int, timeout: float = 5.0) -> None:
+def wait_until_gone(conn, *pids: int, timeout: float = 30.0) -> None:
     """Wait until no backend of the server (of any application) has one of ``pids``."""
     gone = set(pids)
 
@@ -113,6 +115,30 @@ def request_pid(alias: str = "default") -> int:
         return backend_pid(alias)
     finally:
         connections[alias].close()
+
+
+@contextmanager
+def checkout_timeout(seconds: float, alias: str = "default") -> Iterator[None]:
+    """Checkouts of ``alias``'s pool (created if needed, no I/O) wait ``seconds`` in the block.
+
+    Changes the pool's checkout wait only: each connect stays bounded by the
+    configured POOL_TIMEOUT (or libpq's connect_timeout). For a test whose point is
+    a checkout that times out, configure a generous POOL_TIMEOUT, open the
+    connections the test needs, and shorten the wait only around that checkout: a
+    short POOL_TIMEOUT from the start makes every connect race it, and a loaded
+    machine loses that race. The other way round, a block that needs connects
+    under a short configured POOL_TIMEOUT can lengthen the wait.
+    """
+    from django.db import connections
+
+    pool = connections[alias].geventpool
+    assert pool is not None, alias
+    saved = pool.timeout
+    pool.timeout = seconds
+    try:
+        yield
+    finally:
+        pool.timeout = saved
 
 
 class ServerConnectionSampler:
@@ -163,7 +189,7 @@ class ServerConnectionSampler:
         greenlet.get()
         self.samples.append(self.count())
 
-    def wait_for(self, expected: int, timeout: float = 10.0) -> int:
+    def wait_for(self, expected: int, timeout: float = 30.0) -> int:
         """The count once it equals ``expected``, or the last count seen at the deadline."""
         assert self._greenlet is None, "stop sampling first: they share a connection"
         deadline = monotonic() + timeout

@@ -110,7 +110,7 @@ class Load:
         self.stop()
 
     def wait_for_requests(
-        self, count: int, since: float | None = None, timeout: float = 20.0
+        self, count: int, since: float | None = None, timeout: float = 60.0
     ) -> None:
         """Let the load run until ``count`` requests that started after ``since`` ended."""
         deadline = monotonic() + timeout

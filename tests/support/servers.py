@@ -151,7 +151,7 @@ def start_gunicorn(
     argv = [_bin("gunicorn"), "-c", str(REPO_ROOT / "gunicorn.conf.py"), *extra_args, app]
     proc = ManagedProcess(argv, log_path=log_path, env=env, cwd=EXAMPLE_DIR)
     try:
-        wait_for_port(port, time.monotonic() + 30, proc.process)
+        wait_for_port(port, time.monotonic() + 90, proc.process)
     except BaseException:
         proc.kill_group()
         raise
@@ -182,7 +182,7 @@ def start_redis(workdir: Path) -> tuple[ManagedProcess, int]:
     ]
     proc = ManagedProcess(argv, log_path=workdir / "redis.log", env=dict(os.environ), cwd=workdir)
     try:
-        wait_for_port(port, time.monotonic() + 15, proc.process)
+        wait_for_port(port, time.monotonic() + 60, proc.process)
     except BaseException:
         proc.kill_group()
         raise

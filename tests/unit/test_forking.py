@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+import gevent.os
+
 from django_db_geventpool import forking
 from django_db_geventpool.peerset import PeerSet
 from django_db_geventpool.pool import ConnectionPool
@@ -23,6 +25,18 @@ def _child_report(pool: ConnectionPool, peer_set: PeerSet, seen_by_callback: dic
         "probing": [p.probing for p in peer_set.peers],
         "callback": seen_by_callback,
     }
+
+
+def _read_to_eof(fd: int) -> bytes:
+    """Everything written to the pipe ``fd`` until its write ends are closed; then close it."""
+    gevent.os.make_nonblocking(fd)
+    chunks = []
+    try:
+        while chunk := gevent.os.nb_read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def test_a_forked_child_forgets_pools_then_peer_sets_then_runs_callbacks():
@@ -65,10 +79,13 @@ def test_a_forked_child_forgets_pools_then_peer_sets_then_runs_callbacks():
                 os.write(write_end, json.dumps(report).encode())
             finally:
                 os._exit(0)
+        # gevent's os.close() leaves the actual close to the next iteration of the
+        # loop: the pipe's end of file comes only once the loop ran. So read it
+        # cooperatively, before waitpid (which need not yield: a busy machine may
+        # have run the child to its end already), never with a blocking read.
         os.close(write_end)
+        report = json.loads(_read_to_eof(read_end))
         _, status = os.waitpid(pid, 0)
-        with os.fdopen(read_end, "rb") as reader:
-            report = json.loads(reader.read())
     finally:
         forking._callbacks.remove(callback)
     assert os.waitstatus_to_exitcode(status) == 0
