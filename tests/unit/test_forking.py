@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 import os
 
+import gevent
+import gevent.event
+
 from django_db_geventpool import forking
+from django_db_geventpool.errors import PoolTimeout
 from django_db_geventpool.peerset import PeerSet
 from django_db_geventpool.pool import ConnectionPool
+from tests.support.eventually import wait_until
 from tests.unit.test_pool_unit import FakeConnectError, FakeDriver, Server
 
 
@@ -88,3 +93,97 @@ def test_a_forked_child_forgets_pools_then_peer_sets_then_runs_callbacks():
     pool.checkin(held)
     pool.close()
     assert [p.connections for p in peer_set.peers] == [0, 0]
+
+
+def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
+    """A connector, queued checkouts and a keepalive round trip in flight at fork time.
+
+    They go on in the child too; when they resume there they must not touch the
+    child's pool (counts, slots, waiters) nor use the parent's connections.
+    """
+    server = Server()
+    pool = ConnectionPool("unit", FakeDriver(), max_size=3, timeout=10.0, opener=server.open)
+    held = pool.checkout()
+    pool.checkin(pool.checkout())  # a second one, idle
+    pinged = server.opened[1] if server.opened[0] is held.connection else server.opened[0]
+    # A keepalive round trip in flight: it holds the idle one, with a slot.
+    pinged.ping_gate = gevent.event.Event()
+    pinged.server.send(b"!")  # input on an idle connection: due for a round trip
+    keepalive = gevent.spawn(pool.keep_alive)
+    wait_until(lambda: pinged.pings == 1)
+    # A connect in flight (the last slot), and two checkouts queued behind it.
+    server.connect_gate = gevent.event.Event()
+    waiters = [gevent.spawn(pool.checkout, timeout=3.0) for _ in range(2)]
+    wait_until(lambda: server.connects_started == 3)
+    parent_stats = pool.get_stats()
+    assert (parent_stats["pool_size"], parent_stats["pool_opening"]) == (3, 1)
+    assert parent_stats["requests_waiting"] == 2
+    inherited = [keepalive, *waiters, *pool._connectors]
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        report: dict = {}
+        try:
+            os.close(read_end)
+            # Let the parent's greenlets resume here: the connect and the round trip end.
+            server.connect_gate.set()
+            pinged.ping_gate.set()
+            gevent.joinall(inherited, timeout=20)
+            stats = pool.get_stats()
+            report = {
+                "all_ended": all(g.dead for g in inherited),
+                "waiters": [type(g.exception).__name__ for g in waiters],
+                "stats": [stats[k] for k in ("pool_size", "pool_opening", "requests_waiting")],
+                "parent_sockets_closed": [c.closed for c in server.opened[:3]],
+            }
+            # The cap is intact: max_size checkouts of the child's own, then a timeout.
+            leases = [pool.checkout(timeout=5) for _ in range(3)]
+            report["own"] = [lease.connection.number for lease in leases]
+            try:
+                pool.checkout(timeout=0.1)
+                report["fourth"] = "served"
+            except PoolTimeout:
+                report["fourth"] = "timeout"
+            for lease in leases:
+                pool.checkin(lease)
+            stats = pool.get_stats()
+            report["after"] = [stats[k] for k in ("pool_size", "pool_available")]
+        except BaseException as exc:  # reported, so that the parent's assertion says what
+            report["error"] = repr(exc)
+        finally:
+            try:
+                os.write(write_end, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+    os.close(write_end)
+    # The parent goes on at once: its connect and round trip end, its waiters are served.
+    server.connect_gate.set()
+    pinged.ping_gate.set()
+    assert keepalive.get(timeout=10) == 0
+    leases = [w.get(timeout=10) for w in waiters]
+    stats = pool.get_stats()
+    assert (stats["pool_size"], stats["pool_opening"], stats["requests_waiting"]) == (3, 0, 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # Read what the child wrote before it exited (no EOF wait: under gevent the
+    # parent may keep a copy of the write end open).
+    report = json.loads(os.read(read_end, 1 << 16))
+    os.close(read_end)
+    assert report == {
+        "all_ended": True,
+        # Ended without being served: the child never counted them.
+        "waiters": ["PoolError", "PoolError"],
+        "stats": [0, 0, 0],
+        # The connections of the parent, including the one opened by the inherited
+        # connector and the one in its keepalive round trip: never closed there.
+        "parent_sockets_closed": [False, False, False],
+        "own": [3, 4, 5],
+        "fourth": "timeout",
+        "after": [3, 3],
+    }
+    # Nothing the child did reached the parent's connections.
+    assert not any(c.closed for c in server.opened)
+    for lease in [held, *leases]:
+        pool.checkin(lease)
+    pool.close()
