@@ -102,7 +102,17 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
     child's pool (counts, slots, waiters) nor use the parent's connections.
     """
     server = Server()
-    pool = ConnectionPool("unit", FakeDriver(), max_size=3, timeout=10.0, opener=server.open)
+    peer_set = PeerSet("unit", ["x", "y"], check_interval=30.0, connect_errors=(FakeConnectError,))
+    pool = ConnectionPool(
+        "unit",
+        FakeDriver(),
+        max_size=3,
+        timeout=10.0,
+        opener=lambda reconnect: peer_set.open_connection(
+            lambda peer, again: server.open(again), reconnect
+        ),
+        on_close=peer_set.closed,
+    )
     held = pool.checkout()
     pool.checkin(pool.checkout())  # a second one, idle
     pinged = server.opened[1] if server.opened[0] is held.connection else server.opened[0]
@@ -136,6 +146,7 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
                 "waiters": [type(g.exception).__name__ for g in waiters],
                 "stats": [stats[k] for k in ("pool_size", "pool_opening", "requests_waiting")],
                 "parent_sockets_closed": [c.closed for c in server.opened[:3]],
+                "peers": [(p.connections, p.opening) for p in peer_set.peers],
             }
             # The cap is intact: max_size checkouts of the child's own, then a timeout.
             leases = [pool.checkout(timeout=5) for _ in range(3)]
@@ -149,6 +160,7 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
                 pool.checkin(lease)
             stats = pool.get_stats()
             report["after"] = [stats[k] for k in ("pool_size", "pool_available")]
+            report["peer_connections_after"] = sum(p.connections for p in peer_set.peers)
         except BaseException as exc:  # reported, so that the parent's assertion says what
             report["error"] = repr(exc)
         finally:
@@ -178,12 +190,17 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
         # The connections of the parent, including the one opened by the inherited
         # connector and the one in its keepalive round trip: never closed there.
         "parent_sockets_closed": [False, False, False],
+        # The peer set counts nothing of the parent's either.
+        "peers": [[0, 0], [0, 0]],
         "own": [3, 4, 5],
         "fourth": "timeout",
         "after": [3, 3],
+        "peer_connections_after": 3,
     }
     # Nothing the child did reached the parent's connections.
     assert not any(c.closed for c in server.opened)
+    assert sum(p.connections for p in peer_set.peers) == 3
     for lease in [held, *leases]:
         pool.checkin(lease)
     pool.close()
+    assert [p.connections for p in peer_set.peers] == [0, 0]
