@@ -31,7 +31,11 @@ Semantics, which the rest of the package relies on:
 * **Nothing lost.** A connection held by a greenlet that ends without returning it
   is returned when the greenlet ends (gevent ``Greenlet``) or when its owner object
   is garbage collected. After ``fork()`` the child forgets every connection of its
-  parent without touching the parent's sockets (see `forking`).
+  parent without touching the parent's sockets (see `forking`), and greenlets of the
+  parent that resume in the child (a connector, a queued checkout, a round trip)
+  leave the child's pool alone (generations: see `ConnectionPool._outdated`).
+* **Drain is exact.** After `ConnectionPool.drain` no connection whose connect
+  started before it is handed out or kept idle, wherever it was at that moment.
 * **Warm and alive.** ``min_size`` connections are opened in the background (with
   jitter) and kept through ``max_idle``; ``keepalive_interval`` gives idle
   connections a round trip at that interval.
@@ -1445,7 +1449,11 @@ class ConnectionPool:
 
         Called by `forking` (the package's one fork hook); the inherited driver
         objects go to `forking.keep_inherited_alive`, which says why they are
-        never closed.
+        never closed. A new generation starts (``_born``): the parent's greenlets
+        that go on in the child (connectors, queued checkouts, round trips, the
+        sweeper) see it when they resume, and touch no slot, count or waiter of
+        the child; a parent's connection one of them held (out of the idle set and
+        not in use at fork time) is detached in turn (`_forget_inherited`).
         """
         inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
         for lease in self._in_use:
