@@ -1217,7 +1217,7 @@ class ConnectionPool:
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None and self._maintenance_interval() is not None:
-            self._sweeper = gevent.spawn(self._sweep_forever)
+            self._sweeper = gevent.spawn(self._sweep_forever, self._generation)
 
     def _maintenance_interval(self) -> float | None:
         limits = [x / 2 for x in (self.max_idle, self.max_lifetime) if x is not None]
@@ -1229,12 +1229,13 @@ class ConnectionPool:
             return None
         return min(max(min(limits), 0.25), 60.0)
 
-    def _sweep_forever(self) -> None:
-        """Expire idle connections, keep them alive, keep min_size open, while traffic is low."""
+    def _sweep_forever(self, spawned_in: int) -> None:
+        """Expire idle connections, keep them alive, keep min_size open, while traffic is low.
+
+        ``spawned_in``: the generation when it was spawned. The parent's sweeper,
+        inherited through fork(), stops when it resumes (the child starts its own).
+        """
         interval = self._maintenance_interval() or 60.0
-        # The parent's sweeper, inherited through fork(), stops when it resumes
-        # (the child starts its own).
-        spawned_in = self._generation
         while True:
             gevent.sleep(interval)
             if self._closed or spawned_in < self._born:
