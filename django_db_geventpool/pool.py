@@ -457,6 +457,9 @@ class ConnectionPool:
         self._waiters: deque[_Waiter] = deque()
         self._waiting = 0
         self._in_use: set[Lease] = set()
+        # Every connection opened and not closed yet: idle, in use, or in transit (being
+        # handed over, checked, reset). After fork() the child detaches all of them.
+        self._open_conns: set[PooledConnection] = set()
         self._stats: Counter[str] = Counter()
         self._closed = False
         self._pid = os.getpid()
@@ -1014,6 +1017,7 @@ class ConnectionPool:
             except BaseException:
                 self._close_raw(raw)
                 raise
+            self._open_conns.add(conn)
             logger.debug("pool %r: opened connection %r", self.name, raw)
             self._ensure_sweeper()
             return conn
@@ -1318,6 +1322,7 @@ class ConnectionPool:
             logger.debug("pool %r: cancelling the running query failed: %s", self.name, exc)
 
     def _close_quietly(self, conn: PooledConnection) -> None:
+        self._open_conns.discard(conn)
         try:
             self._close_raw(conn.raw)
         except Exception as exc:
@@ -1453,15 +1458,20 @@ class ConnectionPool:
         never closed. A new generation starts (``_born``): the parent's greenlets
         that go on in the child (connectors, queued checkouts, round trips, the
         sweeper) see it when they resume, and touch no slot, count or waiter of
-        the child; a parent's connection one of them held (out of the idle set and
-        not in use at fork time) is detached in turn (`_forget_inherited`).
+        the child. Every connection of the parent is detached now, including those
+        out of the idle set and not in use (in a round trip, handed over, being
+        reset); only a connect in flight has no known socket yet (its connector
+        detaches it when the connect ends, `_open`).
         """
-        inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
+        # All of them, including those out of the idle set and not in use (a round
+        # trip, a hand-over, a reset in flight): nothing the child does reaches them.
+        inherited = {*self._open_conns, *self._idle, *(lease.conn for lease in self._in_use)}
         for lease in self._in_use:
             lease.conn.lease = None
             lease.unwatch()
         for conn in inherited:
             self._forget_inherited(conn.raw)
+        self._open_conns.clear()
         # Greenlets of the parent (connectors, queued checkouts, round trips, the
         # sweeper) go on in the child: a new generation makes them leave this one alone.
         self._generation += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import gevent
 import gevent.event
@@ -136,12 +137,15 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
         report: dict = {}
         try:
             os.close(read_end)
+            # The one in its round trip (out of the idle set, not in use) is detached
+            # at fork time like the others: its descriptor now points at /dev/null.
+            report["in_transit_detached"] = stat.S_ISCHR(os.fstat(pinged.client.fileno()).st_mode)
             # Let the parent's greenlets resume here: the connect and the round trip end.
             server.connect_gate.set()
             pinged.ping_gate.set()
             gevent.joinall(inherited, timeout=20)
             stats = pool.get_stats()
-            report = {
+            report |= {
                 "all_ended": all(g.dead for g in inherited),
                 "waiters": [type(g.exception).__name__ for g in waiters],
                 "stats": [stats[k] for k in ("pool_size", "pool_opening", "requests_waiting")],
@@ -183,6 +187,7 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
     report = json.loads(os.read(read_end, 1 << 16))
     os.close(read_end)
     assert report == {
+        "in_transit_detached": True,
         "all_ended": True,
         # Ended without being served: the child never counted them.
         "waiters": ["PoolError", "PoolError"],
