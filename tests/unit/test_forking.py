@@ -12,6 +12,7 @@ import stat
 
 import gevent
 import gevent.event
+import gevent.os
 
 from django_db_geventpool import forking
 from django_db_geventpool.errors import PoolTimeout
@@ -19,6 +20,20 @@ from django_db_geventpool.peerset import PeerSet
 from django_db_geventpool.pool import ConnectionPool
 from tests.support.eventually import wait_until
 from tests.unit.test_pool_unit import FakeConnectError, FakeDriver, Server
+
+
+def _read_report(fd: int) -> dict:
+    """The child's JSON report, read to the end of the pipe, then the pipe closed.
+
+    Read cooperatively: under gevent (25.8+), ``os.close`` of the parent's write end
+    is deferred to the event loop, so a blocking read would never see the end.
+    """
+    gevent.os.make_nonblocking(fd)
+    chunks = []
+    while chunk := gevent.os.nb_read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return json.loads(b"".join(chunks) or b"{}")
 
 
 def _child_report(pool: ConnectionPool, peer_set: PeerSet, seen_by_callback: dict) -> dict:
@@ -73,8 +88,7 @@ def test_a_forked_child_forgets_pools_then_peer_sets_then_runs_callbacks():
                 os._exit(0)
         os.close(write_end)
         _, status = os.waitpid(pid, 0)
-        with os.fdopen(read_end, "rb") as reader:
-            report = json.loads(reader.read())
+        report = _read_report(read_end)
     finally:
         forking._callbacks.remove(callback)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -182,10 +196,7 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
     assert (stats["pool_size"], stats["pool_opening"], stats["requests_waiting"]) == (3, 0, 0)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    # Read what the child wrote before it exited (no EOF wait: under gevent the
-    # parent may keep a copy of the write end open).
-    report = json.loads(os.read(read_end, 1 << 16))
-    os.close(read_end)
+    report = _read_report(read_end)
     assert report == {
         "in_transit_detached": True,
         "all_ended": True,
