@@ -7,7 +7,10 @@ of the package) does it in this order:
 
 1. **Pools** (`ConnectionPool.forget_after_fork`): each pool drops its idle and
    in-use connections, waiters, connectors and backoff state; the driver objects of
-   those connections are handed to `keep_inherited_alive`.
+   those connections are handed to `keep_inherited_alive`. The parent's greenlets
+   that were busy with the pool at fork time go on in the child; a new pool
+   generation makes them leave the child's pool alone when they resume (the
+   connection one of them held goes to `keep_inherited_alive` then).
 2. **Peer sets** (`PeerSet.forget_after_fork`): the per-peer counts of open and
    opening connections start again from zero (the pools no longer hold any); a peer
    left "probing" by a connect of the parent would otherwise never be retried.

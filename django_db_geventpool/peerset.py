@@ -117,6 +117,9 @@ class PeerSet:
         # Open connections by id(), with the object itself so the id cannot be
         # reused while it is tracked.
         self._peer_of: dict[int, tuple[Any, Peer]] = {}
+        # Forks since creation (see forget_after_fork): a connect that began before
+        # the last one is the parent's, and counts nowhere in the child.
+        self._forks = 0
         forking.track_peer_set(self)
 
     # -- opening ----------------------------------------------------------------
@@ -130,6 +133,7 @@ class PeerSet:
         peer is left to try.
         """
         tried: list[Peer] = []
+        forks = self._forks
         while True:
             # Critical section: choose and reserve a peer; no yield in between.
             peer = self._choose(tried)
@@ -145,13 +149,19 @@ class PeerSet:
             try:
                 raw = open_on_peer(peer.name, reconnect or len(tried) > 1)
             except self.connect_errors as exc:
+                if self._forks != forks:
+                    raise  # the parent's connect, ended in a forked child: its own affair
                 self._mark_down(peer, exc)
                 continue
             finally:
-                # (max: a forked child starts again from zero, see below)
-                peer.opening = max(peer.opening - 1, 0)
-                if probe:
-                    peer.probing = False
+                if self._forks == forks:
+                    peer.opening -= 1
+                    if probe:
+                        peer.probing = False
+            if self._forks != forks:
+                # Begun in the parent, resumed in a forked child (whose counts started
+                # from zero): the pool leaves the connection to the parent.
+                return raw
             self._opened(peer, raw)
             return raw
 
@@ -254,10 +264,12 @@ class PeerSet:
         """In a forked child (called by `forking`, after the pools): counts start from zero.
 
         The pools forgot the parent's connections without closing them, so their
-        counts are dropped here; a connect in progress in the parent does not exist
-        in the child, and a peer left "probing" would never be retried.
+        counts are dropped here; a connect the parent had in progress goes on in the
+        child but counts nowhere there (`open_connection`), and a peer left "probing"
+        would never be retried.
         """
         self._peer_of.clear()
+        self._forks += 1
         for peer in self.peers:
             peer.opening = 0
             peer.probing = False

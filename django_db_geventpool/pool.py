@@ -31,7 +31,11 @@ Semantics, which the rest of the package relies on:
 * **Nothing lost.** A connection held by a greenlet that ends without returning it
   is returned when the greenlet ends (gevent ``Greenlet``) or when its owner object
   is garbage collected. After ``fork()`` the child forgets every connection of its
-  parent without touching the parent's sockets (see `forking`).
+  parent without touching the parent's sockets (see `forking`), and greenlets of the
+  parent that resume in the child (a connector, a queued checkout, a round trip)
+  leave the child's pool alone (generations: see `ConnectionPool._outdated`).
+* **Drain is exact.** After `ConnectionPool.drain` no connection whose connect
+  started before it is handed out or kept idle, wherever it was at that moment.
 * **Warm and alive.** ``min_size`` connections are opened in the background (with
   jitter) and kept through ``max_idle``; ``keepalive_interval`` gives idle
   connections a round trip at that interval.
@@ -181,6 +185,7 @@ class PooledConnection:
     __slots__ = (
         "raw",
         "target",
+        "generation",
         "created_at",
         "expires_at",
         "last_used",
@@ -190,10 +195,18 @@ class PooledConnection:
     )
 
     def __init__(
-        self, raw: Any, fileno: int, now: float, lifetime: float | None, target: Any = None
+        self,
+        raw: Any,
+        fileno: int,
+        now: float,
+        lifetime: float | None,
+        target: Any = None,
+        generation: int = 0,
     ) -> None:
         self.raw = raw
         self.target = target
+        #: The pool's generation when its connect started (see `ConnectionPool.drain`).
+        self.generation = generation
         self.created_at = now
         # A little negative jitter, so connections opened together do not all
         # expire (and reconnect) together.
@@ -216,14 +229,12 @@ class PooledConnection:
 
         The one expiry rule: checkout, return, the sweeper and `ConnectionPool.drain`
         all ask here (each decides whether idleness counts, for MIN_CONNS).
+        A connection older than the pool's generation is outdated, not expired: see
+        `ConnectionPool._outdated`.
         """
         if self.expires_at is not None and now >= self.expires_at:
             return True
         return max_idle is not None and now - self.last_used >= max_idle
-
-    def expire_now(self) -> None:
-        """Make the connection expired: the next `expired` says so (`ConnectionPool.drain`)."""
-        self.expires_at = monotonic()
 
 
 class Lease:
@@ -352,12 +363,17 @@ class _RoundTripTimeout(BaseException):
     """A health check or keepalive round trip that got no answer in time (internal)."""
 
 
+class _InheritedConnector(BaseException):
+    """Stops a connector inherited from the parent before it starts a connect (internal)."""
+
+
 # Frames of the checkout stack kept for a leak report (innermost first): the
 # ORM alone takes about 15 under the application's code.
 _LEAK_STACK_DEPTH = 64
 
-# Health verdicts at checkout.
-_HEALTHY, _EXPIRED, _LOST = 0, 1, 2
+# Health verdicts at checkout. _INHERITED: the parent's connection, reached by a
+# checkout the parent began before fork() (see ConnectionPool._outdated).
+_HEALTHY, _EXPIRED, _LOST, _INHERITED = 0, 1, 2, 3
 
 # Pool-wide connect backoff after failures: from CONNECT_RETRY_DELAY (at least
 # _MIN_BACKOFF, so a zero delay cannot hammer a down server), doubled per failure
@@ -443,10 +459,20 @@ class ConnectionPool:
         self._waiters: deque[_Waiter] = deque()
         self._waiting = 0
         self._in_use: set[Lease] = set()
+        # Every connection opened and not closed yet: idle, in use, or in transit (being
+        # handed over, checked, reset). After fork() the child detaches all of them.
+        self._open_conns: set[PooledConnection] = set()
         self._stats: Counter[str] = Counter()
         self._closed = False
         self._pid = os.getpid()
         self._thread_id = _native_thread_id()
+        # Generations: `drain` and `forget_after_fork` each start a new one. A connection
+        # carries the generation in which its connect started; one older than the current
+        # generation is never made idle nor handed out (see `_outdated`). Generations
+        # below ``_born`` belong to the parent process (before the last fork): a greenlet
+        # or a connection from there is the parent's, and touches nothing here.
+        self._generation = 0
+        self._born = 0
         self._sweeper: gevent.Greenlet | None = None
         # Connector greenlets running (each holds one of _slots_used).
         self._connecting = 0
@@ -536,13 +562,16 @@ class ConnectionPool:
                 verdict = self._check(conn, deadline) if conn.target == target else _EXPIRED
             except BaseException:
                 # Killed during the round trip: the connection's state is unknown.
-                self._stats[REQUESTS_ERRORS] += 1
+                if conn.generation >= self._born:
+                    self._stats[REQUESTS_ERRORS] += 1
                 self._close_and_release(conn)
                 raise
             if verdict == _HEALTHY:
                 lease = self._lend(conn, owner)
                 self.timings.wait_time.record(lease.checked_out_at - started)
                 return lease
+            if verdict == _INHERITED:
+                raise self._inherited(conn)
             if verdict == _LOST:
                 self._reconnect_pending = True
             self._close_quietly(conn)
@@ -575,6 +604,7 @@ class ConnectionPool:
         wait_started = monotonic()
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
+        generation = self._generation
         waiter = _Waiter(opener, target)
         if first_in_line:
             # It was served before, and lost what it got (broken, expired).
@@ -589,8 +619,14 @@ class ConnectionPool:
             waiter.wait(deadline - monotonic())
         except BaseException:
             # Killed or interrupted while queued: never lose what was handed over.
-            self._abandon(waiter)
+            if generation >= self._born:
+                self._abandon(waiter)
+            elif waiter.conn is not None:
+                self._forget_inherited(waiter.conn.raw)
             raise
+        if generation < self._born:
+            # Queued in the parent before fork(): this process never counted it.
+            raise self._inherited(waiter.conn)
         now = monotonic()
         self._stats[REQUESTS_WAIT_MS] += int((now - wait_started) * 1000)
         waited_ms = int((now - started) * 1000)
@@ -604,8 +640,13 @@ class ConnectionPool:
             if not isinstance(waiter.error, PoolClosed):
                 self._stats[REQUESTS_ERRORS] += 1
             raise waiter.error
-        assert waiter.conn is not None
-        return waiter.conn
+        conn = waiter.conn
+        assert conn is not None
+        if conn.generation != self._generation:
+            # Drained after it was handed over: `_check` closes it, and the checkout
+            # waits again, first in line.
+            conn.expires_at = monotonic()
+        return conn
 
     def _timeout_error(self, waited_ms: int, started: float) -> PoolTimeout:
         message = (
@@ -661,19 +702,65 @@ class ConnectionPool:
             self._stats[CHECKS_ROUNDTRIP] += 1
             # Bounded: a frozen server must not hold the checkout past its deadline.
             limit = self.timeout if deadline is None else max(deadline - now, 0.001)
-            expired = _RoundTripTimeout()
-            try:
-                with gevent.Timeout(limit, expired):
-                    self.driver.ping(raw)
-            except _RoundTripTimeout as exc:
-                if exc is not expired:
-                    raise
-                return self._lost(conn, f"no answer to the health check in {limit:.2f}s")
-            except Exception as exc:
-                return self._lost(conn, f"round trip failed: {exc}".strip())
+            failure = self._round_trip(raw, limit, "health check")
+            # It yielded: a drain or a fork may have happened meanwhile.
+            if conn.generation != self._generation:
+                return self._outdated(conn)
+            if failure is not None:
+                return self._lost(conn, failure)
         if self.writable_required and self.driver.read_only(raw):
             return self._read_only(conn)
         return _HEALTHY
+
+    def _round_trip(self, raw: Any, limit: float, what: str) -> str | None:
+        """Ping ``raw`` within ``limit`` seconds: None if it answered, else why it failed."""
+        expired = _RoundTripTimeout()
+        try:
+            with gevent.Timeout(limit, expired):
+                self.driver.ping(raw)
+        except _RoundTripTimeout as exc:
+            if exc is not expired:
+                raise
+            return f"no answer to the {what} in {limit:.2f}s"
+        except Exception as exc:
+            return f"{what} failed: {exc}".strip()
+        return None
+
+    def _outdated(self, conn: PooledConnection) -> int:
+        """Verdict on a connection older than the pool's generation: drained, or inherited.
+
+        A drained one is closed like an expired one (`_EXPIRED`); one of the parent
+        process (`_INHERITED`) must be left alone by the greenlet holding it, itself
+        inherited from the parent.
+        """
+        if conn.generation < self._born:
+            return _INHERITED
+        self._stats[CONNECTIONS_EXPIRED] += 1
+        logger.debug("pool %r: closing drained connection %r", self.name, conn.raw)
+        return _EXPIRED
+
+    def _forget_inherited(self, raw: Any) -> None:
+        """Leave a parent's connection, reached by a greenlet inherited through fork(), alone.
+
+        No slot, count or waiter of this process is touched; its socket is detached
+        and its driver object kept alive, as `forget_after_fork` does with the
+        connections it finds (see `forking`).
+        """
+        try:
+            fileno: int | None = self.driver.fileno(raw)
+        except Exception as exc:  # a driver object the parent had closed
+            logger.debug("pool %r: no descriptor after fork: %s", self.name, exc)
+            fileno = None
+        forking.keep_inherited_alive(raw, fileno)
+
+    def _inherited(self, conn: PooledConnection | None) -> PoolError:
+        """The error that ends a checkout the parent process began before fork()."""
+        if conn is not None:
+            self._forget_inherited(conn.raw)
+        return PoolError(
+            f"pool {self.name!r}: this checkout began in the parent process before fork(); "
+            "the child does not serve it"
+        )
 
     def _lost(self, conn: PooledConnection, why: str) -> int:
         self._stats[CONNECTIONS_LOST] += 1
@@ -731,7 +818,9 @@ class ConnectionPool:
             self._connecting += 1
             # Warm-up connects (nobody waiting) are spread out in time.
             jitter = 0.0 if self._waiting else random.uniform(0.0, _WARM_UP_JITTER)
-            connector = gevent.spawn(self._connector, opener, reconnect, target, jitter)
+            connector = gevent.spawn(
+                self._connector, opener, reconnect, target, jitter, self._generation
+            )
             self._connectors.add(connector)
 
     def _opener_for_next(self) -> tuple[Callable[[bool], Any] | None, Any]:
@@ -760,15 +849,27 @@ class ConnectionPool:
         timer.start(fire)
 
     def _connector(
-        self, opener: Callable[[bool], Any], reconnect: bool, target: Any, jitter: float
+        self,
+        opener: Callable[[bool], Any],
+        reconnect: bool,
+        target: Any,
+        jitter: float,
+        spawned_in: int,
     ) -> None:
-        """Open one connection on a slot taken by `_grow`; hand it to the oldest waiter."""
+        """Open one connection on a slot taken by `_grow`; hand it to the oldest waiter.
+
+        ``spawned_in`` is the pool's generation when `_grow` took the slot: a connector
+        the parent started before fork() (older than ``_born``) touches nothing of
+        the child's pool when it resumes in the child.
+        """
         try:
             if jitter:
                 gevent.sleep(jitter)
             started = monotonic()
-            conn = self._open(opener, reconnect, target)
+            conn = self._open(opener, reconnect, target, spawned_in)
         except BaseException as exc:
+            if spawned_in < self._born:
+                return  # the parent's connector: the child never counted it
             self._connecting -= 1
             self._slots_used -= 1
             self._connectors.discard(getcurrent())
@@ -851,18 +952,28 @@ class ConnectionPool:
         return (*self.driver.connect_errors, ConnectTimeout, ConnectUnavailable)
 
     def _open(
-        self, open_connection: Callable[[bool], Any], reconnect: bool, target: Any
+        self,
+        open_connection: Callable[[bool], Any],
+        reconnect: bool,
+        target: Any,
+        spawned_in: int,
     ) -> PooledConnection:
         """Open one connection, retrying quickly up to ``connect_retries`` times.
 
         Runs in a connector greenlet; each attempt is bounded by ``connect_timeout``.
         Quick retries stop as soon as another connector has failed: the pool-wide
-        backoff then decides when to try again.
+        backoff then decides when to try again. The connection carries the
+        generation in which its successful attempt started (a connect begun before
+        a `drain` is outdated). A connector of the parent (``spawned_in`` older than
+        ``_born``) starts no attempt in a forked child.
         """
         stats = self._stats
         delay = self.connect_retry_delay
         attempt = 0
         while True:
+            if spawned_in < self._born:
+                raise _InheritedConnector()
+            generation = self._generation
             stats[CONNECTIONS_NUM] += 1
             started = monotonic()
             expired = ConnectTimeout(
@@ -873,6 +984,8 @@ class ConnectionPool:
                 with gevent.Timeout(self.connect_timeout, expired):
                     raw = open_connection(reconnect or attempt > 0)
             except self._degrading_errors() as exc:
+                if spawned_in < self._born:
+                    raise
                 if isinstance(exc, ConnectUnavailable) and not exc.attempted:
                     # The opener gave up before trying any server: no attempt.
                     stats[CONNECTIONS_NUM] -= 1
@@ -898,18 +1011,25 @@ class ConnectionPool:
                 delay *= 2
                 continue
             except BaseException:
-                stats[CONNECTIONS_ERRORS] += 1
+                if spawned_in >= self._born:
+                    stats[CONNECTIONS_ERRORS] += 1
                 raise
+            if spawned_in < self._born:
+                # A fork happened during the connect, which began in the parent on a
+                # socket the parent shares: the parent's, never used nor closed here.
+                self._forget_inherited(raw)
+                raise _InheritedConnector()
             now = monotonic()
             stats[CONNECTIONS_MS] += int((now - started) * 1000)
             self.timings.create_time.record(now - started)
             try:
                 conn = PooledConnection(
-                    raw, self.driver.fileno(raw), now, self.max_lifetime, target
+                    raw, self.driver.fileno(raw), now, self.max_lifetime, target, generation
                 )
             except BaseException:
                 self._close_raw(raw)
                 raise
+            self._open_conns.add(conn)
             logger.debug("pool %r: opened connection %r", self.name, raw)
             self._ensure_sweeper()
             return conn
@@ -954,7 +1074,8 @@ class ConnectionPool:
             # Not clean, or killed during the rollback or reset (it yields): its
             # state is unknown either way. None: a canceller took it (and its slot).
             if not clean:
-                self._stats[RETURNS_BAD] += 1
+                if conn.generation >= self._born:
+                    self._stats[RETURNS_BAD] += 1
                 if clean is not None:
                     self._close_and_release(conn)
         if clean:
@@ -1024,6 +1145,19 @@ class ConnectionPool:
         return True
 
     def _give_back_idle(self, conn: PooledConnection) -> None:
+        """Hand a connection (and its slot) to the oldest waiter, else keep it idle or close it.
+
+        Every connection becomes idle or is handed over here (checkin, connector,
+        keepalive, an abandoned hand-over): an outdated one (drained, or the parent's
+        after fork) never passes.
+        """
+        if conn.generation != self._generation:
+            if conn.generation < self._born:
+                self._forget_inherited(conn.raw)  # no slot of this process to free
+            else:
+                self._stats[CONNECTIONS_EXPIRED] += 1
+                self._close_and_release(conn)
+            return
         now = monotonic()
         conn.last_used = now
         # Critical section: hand the connection to the oldest waiter, else keep
@@ -1044,7 +1178,14 @@ class ConnectionPool:
         self._close_and_release(conn)
 
     def _close_and_release(self, conn: PooledConnection) -> None:
-        """Close a connection that holds a slot, and free the slot."""
+        """Close a connection that holds a slot, and free the slot.
+
+        The parent's connection, reached by a greenlet inherited through fork(), holds
+        no slot here and is left alone.
+        """
+        if conn.generation < self._born:
+            self._forget_inherited(conn.raw)
+            return
         self._close_quietly(conn)
         self._release_slot()
 
@@ -1101,7 +1242,7 @@ class ConnectionPool:
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None and self._maintenance_interval() is not None:
-            self._sweeper = gevent.spawn(self._sweep_forever)
+            self._sweeper = gevent.spawn(self._sweep_forever, self._generation)
 
     def _maintenance_interval(self) -> float | None:
         limits = [x / 2 for x in (self.max_idle, self.max_lifetime) if x is not None]
@@ -1113,15 +1254,22 @@ class ConnectionPool:
             return None
         return min(max(min(limits), 0.25), 60.0)
 
-    def _sweep_forever(self) -> None:
-        """Expire idle connections, keep them alive, keep min_size open, while traffic is low."""
+    def _sweep_forever(self, spawned_in: int) -> None:
+        """Expire idle connections, keep them alive, keep min_size open, while traffic is low.
+
+        ``spawned_in``: the generation when it was spawned. The parent's sweeper,
+        inherited through fork(), stops when it resumes (the child starts its own).
+        """
         interval = self._maintenance_interval() or 60.0
-        pid = self._pid
-        while not self._closed and os.getpid() == pid:
+        while True:
             gevent.sleep(interval)
+            if self._closed or spawned_in < self._born:
+                return
             self.sweep()
             if self.keepalive_interval is not None or self.min_size:
                 self.keep_alive()
+                if spawned_in < self._born:
+                    return  # forked during a keepalive round trip
             self._grow()
 
     def sweep(self) -> int:
@@ -1165,24 +1313,24 @@ class ConnectionPool:
                 continue
             self._idle.remove(conn)
             self._slots_used += 1
-            alive = False
+            self._stats[CHECKS_KEEPALIVE] += 1
             try:
-                self._stats[CHECKS_KEEPALIVE] += 1
-                expired = _RoundTripTimeout()
-                with gevent.Timeout(self.timeout, expired):
-                    self.driver.ping(conn.raw)
-                alive = True
-            except Exception as exc:
-                self._lost(conn, f"keepalive round trip failed: {exc}".strip())
-            except _RoundTripTimeout:
-                self._lost(conn, "no answer to the keepalive round trip")
-            finally:
-                if alive:
-                    self._give_back_idle(conn)
-                else:
-                    lost += 1
-                    self._reconnect_pending = True
-                    self._close_and_release(conn)
+                failure = self._round_trip(conn.raw, self.timeout, "keepalive round trip")
+            except BaseException:
+                # Killed during the round trip: the connection's state is unknown.
+                self._close_and_release(conn)
+                raise
+            if failure is None or conn.generation != self._generation:
+                # Alive, or outdated meanwhile (drained, or the parent's after a fork):
+                # _give_back_idle keeps, hands over or closes it.
+                self._give_back_idle(conn)
+                if conn.generation < self._born:
+                    break  # forked meanwhile: the rest was the parent's
+                continue
+            self._lost(conn, failure)
+            lost += 1
+            self._reconnect_pending = True
+            self._close_and_release(conn)
         return lost
 
     def _cancel_quietly(self, conn: PooledConnection) -> None:
@@ -1204,6 +1352,7 @@ class ConnectionPool:
                 self._close_and_release(conn)
 
     def _close_quietly(self, conn: PooledConnection) -> None:
+        self._open_conns.discard(conn)
         try:
             self._close_raw(conn.raw)
         except Exception as exc:
@@ -1255,17 +1404,18 @@ class ConnectionPool:
         """Close idle connections now, and every connection in use when it is given back.
 
         Checkouts that follow get fresh connections (new credentials, a new server
-        behind the same name). A connection being opened by a connector, handed to a
-        queued checkout, or in a health-check or keepalive round trip at this moment
-        is kept.
+        behind the same name). It starts a new generation: a connection of an older
+        one (in use, being opened by a connector whose connect started before the
+        drain, handed to a queued checkout not yet resumed, in a health-check or
+        keepalive round trip) is closed wherever it passes next (`_give_back_idle`,
+        `_check`, `_wait`) instead of being kept or handed out; its slot then goes to
+        a fresh connect, so a queued checkout gets a new connection instead.
         Returns how many idle connections were closed.
         """
-        # Critical section: empty the idle set; mark connections in use as expired,
-        # so that checkin closes them instead of keeping or handing them over.
+        # Critical section: a new generation, and the idle set emptied.
+        self._generation += 1
         idle = list(self._idle)
         self._idle.clear()
-        for lease in self._in_use:
-            lease.conn.expire_now()
         in_use = len(self._in_use)
         for conn in idle:
             self._stats[CONNECTIONS_EXPIRED] += 1
@@ -1335,19 +1485,27 @@ class ConnectionPool:
 
         Called by `forking` (the package's one fork hook); the inherited driver
         objects go to `forking.keep_inherited_alive`, which says why they are
-        never closed.
+        never closed. A new generation starts (``_born``): the parent's greenlets
+        that go on in the child (connectors, queued checkouts, round trips, the
+        sweeper) see it when they resume, and touch no slot, count or waiter of
+        the child. Every connection of the parent is detached now, including those
+        out of the idle set and not in use (in a round trip, handed over, being
+        reset); only a connect in flight has no known socket yet (its connector
+        detaches it when the connect ends, `_open`).
         """
-        inherited = [*self._idle, *(lease.conn for lease in self._in_use)]
+        # All of them, including those out of the idle set and not in use (a round
+        # trip, a hand-over, a reset in flight): nothing the child does reaches them.
+        inherited = {*self._open_conns, *self._idle, *(lease.conn for lease in self._in_use)}
         for lease in self._in_use:
             lease.conn.lease = None
             lease.unwatch()
         for conn in inherited:
-            try:
-                fileno: int | None = self.driver.fileno(conn.raw)
-            except Exception as exc:  # a driver object the parent had closed
-                logger.debug("pool %r: no descriptor after fork: %s", self.name, exc)
-                fileno = None
-            forking.keep_inherited_alive(conn.raw, fileno)
+            self._forget_inherited(conn.raw)
+        self._open_conns.clear()
+        # Greenlets of the parent (connectors, queued checkouts, round trips, the
+        # sweeper) go on in the child: a new generation makes them leave this one alone.
+        self._generation += 1
+        self._born = self._generation
         self._idle.clear()
         self._in_use.clear()
         self._waiters.clear()

@@ -12,10 +12,17 @@ from django.test import RequestFactory
 from gevent.event import Event
 
 import django_db_geventpool
-from django_db_geventpool import get_stats, readiness, registry
+from django_db_geventpool import get_stats, readiness, registry, signals
 from django_db_geventpool.views import ready_view
 from tests.support.eventually import wait_until
-from tests.support.helpers import backend_pid, pool_pids, raw_connect, request_pid, wait_until_gone
+from tests.support.helpers import (
+    backend_pid,
+    pool_pids,
+    raw_connect,
+    request_pid,
+    terminate_backend,
+    wait_until_gone,
+)
 
 
 class Holder:
@@ -71,6 +78,46 @@ def test_drain_closes_idle_now_and_in_use_on_return(configure_pool, observer, ca
     assert any(
         "drained: 1 idle connections closed, 1 in use" in r.getMessage() for r in caplog.records
     )
+
+
+def test_drain_replaces_a_connection_whose_connect_was_in_flight(configure_pool, observer):
+    """A connect begun before the drain (its post-reconnect hook still running) is old.
+
+    The request queued for it gets a fresh server connection instead, and that one
+    connection is closed: after the drain, only new backends serve requests.
+    """
+    configure_pool(MAX_CONNS=1, POOL_TIMEOUT=20)
+    first = request_pid()  # idle in the pool
+    in_hook = Event()
+    release = Event()
+
+    def slow_hook(dbwrapper):
+        in_hook.set()
+        assert release.wait(30), "the test never released the hook"
+
+    signals.add_post_reconnect_hook(slow_hook)
+    try:
+        # The pool finds the idle one broken at the next checkout: its replacement
+        # is a reconnect, whose hook holds the new connection in the connector.
+        terminate_backend(first)
+        wait_until_gone(observer, first)
+        waiter = gevent.spawn(request_pid)
+        assert in_hook.wait(20)
+        (in_flight,) = pool_pids(observer)  # connected, not yet in the pool
+        assert get_stats()["pool_opening"] == 1
+        django_db_geventpool.drain()
+        signals.remove_reconnect_hook(slow_hook)
+        release.set()
+        served = waiter.get(timeout=20 + 10)
+        wait_until_gone(observer, in_flight)
+    finally:
+        signals.remove_reconnect_hook(slow_hook)
+        release.set()
+    assert served not in (first, in_flight)
+    assert {request_pid() for _ in range(3)} == {served}
+    assert pool_pids(observer) == {served}
+    stats = get_stats()
+    assert (stats["pool_size"], stats["requests_errors"], stats["requests_timeouts"]) == (1, 0, 0)
 
 
 def test_shrinking_waits_for_returns_and_never_takes_a_connection(configure_pool, observer):

@@ -11,6 +11,7 @@ import socket
 from time import monotonic
 
 import gevent
+import gevent.event
 import pytest
 
 from django_db_geventpool.errors import PoolClosed, PoolTimeout
@@ -36,6 +37,8 @@ class FakeConnection:
         self.rollback_delay = 0.0
         self.cancel_delay = 0.0
         self.cancelled = False
+        #: When set, a round trip waits for it (a ping in flight, held open by the test).
+        self.ping_gate: gevent.event.Event | None = None
 
     def server_goes_away(self) -> None:
         self.server.close()
@@ -59,6 +62,8 @@ class FakeDriver:
 
     def ping(self, raw: FakeConnection) -> None:
         raw.pings += 1
+        if raw.ping_gate is not None:
+            assert raw.ping_gate.wait(30), "the test never released the round trip"
         if raw.server.fileno() == -1:
             raise FakeConnectError("server closed the connection unexpectedly")
 
@@ -93,9 +98,15 @@ class Server:
         self.connect_delay = connect_delay
         self.failures_left = 0
         self.reconnect_flags: list[bool] = []
+        #: When set, connects wait for it (a connect in flight, held open by the test).
+        self.connect_gate: gevent.event.Event | None = None
+        self.connects_started = 0
 
     def open(self, reconnect: bool) -> FakeConnection:
         self.reconnect_flags.append(reconnect)
+        self.connects_started += 1
+        if self.connect_gate is not None:
+            assert self.connect_gate.wait(30), "the test never released the connect"
         if self.connect_delay:
             gevent.sleep(self.connect_delay)
         if self.failures_left:
@@ -421,9 +432,10 @@ def test_connect_is_retried_then_failures_degrade_to_waiting(server):
     # The checkout waited its whole timeout, and says why nothing came.
     assert isinstance(excinfo.value.__cause__, FakeConnectError)
     assert "connects to the server are failing" in str(excinfo.value)
-    stats = pool.get_stats()
-    assert stats["pool_size"] == 0
-    assert stats["requests_waiting"] == 0
+    # A probe the backoff timer started just before the timeout may still hold its
+    # slot: it fails, and nothing is left queued to start another.
+    wait_until(lambda: pool.get_stats()["pool_size"] == 0)
+    assert pool.get_stats()["requests_waiting"] == 0
     server.failures_left = 0
     assert pool.checkout(server.open, timeout=2).active
 
@@ -663,3 +675,99 @@ def test_a_cancel_that_ends_in_a_forked_child_frees_no_slot_there(server):
     # The parent: cancelled, closed, slot free.
     wait_until(lambda: pool.get_stats()["pool_size"] == 0)
     assert raw.cancelled and raw.closed
+
+
+# -- drain: connections out of the idle set at that instant ---------------------------
+
+
+def test_drain_closes_a_connection_whose_connect_was_in_flight(server):
+    """A connect begun before the drain is old: closed, and the waiter gets a fresh one."""
+    pool = make_pool(max_size=1, opener=server.open)
+    server.connect_gate = gevent.event.Event()
+    waiter = gevent.spawn(pool.checkout)
+    wait_until(lambda: server.connects_started == 1)
+    pool.drain()
+    server.connect_gate.set()
+    lease = waiter.get(timeout=10)
+    old, fresh = server.opened
+    assert lease.connection is fresh
+    assert old.closed
+    stats = pool.get_stats()
+    assert (stats["pool_size"], stats["pool_opening"], stats["requests_waiting"]) == (1, 0, 0)
+    assert stats["connections_expired"] == 1
+    pool.checkin(lease)
+    assert pool.get_stats()["pool_available"] == 1
+    assert server.open_now == 1
+
+
+def test_a_connect_started_after_the_drain_is_kept(server):
+    pool = make_pool(max_size=1, opener=server.open)
+    pool.drain()
+    lease = pool.checkout(timeout=5)
+    assert lease.connection is server.opened[0]
+    pool.checkin(lease)
+    assert pool.checkout(timeout=5).connection is server.opened[0]
+
+
+def test_drain_closes_a_connection_in_its_keepalive_round_trip(server):
+    pool = make_pool(max_size=1, opener=server.open)
+    pool.checkin(pool.checkout())
+    (old,) = server.opened
+    old.ping_gate = gevent.event.Event()
+    old.server.send(b"!")  # input on an idle connection: due for a round trip
+    pinging = gevent.spawn(pool.keep_alive)
+    wait_until(lambda: old.pings == 1)
+    waiter = gevent.spawn(pool.checkout)  # the keepalive holds the only slot
+    wait_until(lambda: pool.get_stats()["requests_waiting"] == 1)
+    pool.drain()
+    old.ping_gate.set()
+    assert pinging.get(timeout=10) == 0
+    lease = waiter.get(timeout=10)
+    assert lease.connection is server.opened[1]
+    assert old.closed
+    assert pool.get_stats()["pool_size"] == 1
+    pool.checkin(lease)
+    assert server.open_now == 1
+
+
+def test_drain_closes_a_connection_in_its_health_check(server):
+    pool = make_pool(max_size=1, opener=server.open, health_check_delay=0.0)
+    pool.checkin(pool.checkout())
+    (old,) = server.opened
+    old.ping_gate = gevent.event.Event()
+    checking = gevent.spawn(pool.checkout)
+    wait_until(lambda: old.pings == 2)  # the first checkout's check, then this one's
+    pool.drain()
+    old.ping_gate.set()
+    lease = checking.get(timeout=10)
+    assert lease.connection is server.opened[1]
+    assert old.closed
+    stats = pool.get_stats()
+    assert (stats["pool_size"], stats["requests_errors"], stats["connections_lost"]) == (1, 0, 0)
+    pool.checkin(lease)
+    assert server.open_now == 1
+
+
+def test_drain_closes_a_connection_handed_to_a_waiter_not_yet_resumed(server):
+    pool = make_pool(max_size=1, opener=server.open)
+    holder = pool.checkout()
+    waiter = gevent.spawn(pool.checkout)
+    wait_until(lambda: pool.get_stats()["requests_waiting"] == 1)
+    pool.checkin(holder)  # handed over; the waiter runs only when this greenlet yields
+    pool.drain()
+    lease = waiter.get(timeout=10)
+    assert lease.connection is server.opened[1]
+    assert holder.connection.closed
+    assert pool.get_stats()["pool_size"] == 1
+    pool.checkin(lease)
+    assert server.open_now == 1
+
+
+def test_drain_closes_a_connection_in_use_when_it_is_returned(server):
+    pool = make_pool(max_size=2, opener=server.open)
+    held = pool.checkout()
+    pool.drain()
+    pool.checkin(held)
+    assert held.connection.closed
+    assert pool.get_stats()["pool_size"] == 0
+    assert pool.checkout().connection is server.opened[1]
