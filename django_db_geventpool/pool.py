@@ -553,13 +553,17 @@ class ConnectionPool:
         deadline = started + (self.timeout if timeout is None else timeout)
         first_in_line = False
         waits = 0
+        lost = 0
         while True:
             if conn is None:
                 conn = self._wait(deadline, started, open_connection, target, first_in_line, waits)
                 waits += 1
             # This checkout owns a slot and conn from here on: any failure frees both.
             try:
-                verdict = self._check(conn, deadline) if conn.target == target else _EXPIRED
+                if conn.target == target:
+                    verdict = self._check(conn, deadline, not lost)
+                else:
+                    verdict = _EXPIRED
             except BaseException:
                 # Killed during the round trip: the connection's state is unknown.
                 if conn.generation >= self._born:
@@ -574,6 +578,7 @@ class ConnectionPool:
                 raise self._inherited(conn)
             if verdict == _LOST:
                 self._reconnect_pending = True
+                lost += 1
             self._close_quietly(conn)
             # Critical section: another idle connection may serve instead; else the
             # slot goes to a connector and this checkout waits first in line. Not
@@ -684,7 +689,16 @@ class ConnectionPool:
             # We own a slot and a connection: pass them on untouched.
             self._give_back_idle(waiter.conn)
 
-    def _check(self, conn: PooledConnection, deadline: float | None = None) -> int:
+    def _check(
+        self, conn: PooledConnection, deadline: float | None = None, spare: bool = False
+    ) -> int:
+        """The verdict on ``conn`` before it is handed out; a round trip ends by ``deadline``.
+
+        ``spare``: while other idle connections could serve instead, the round trip
+        gets half of the time left, so that one frozen backend (a connection a
+        firewall now drops, a stopped backend) costs its own connection, not the
+        request: the next idle connection is checked with the other half.
+        """
         now = monotonic()
         # Idle past MAX_IDLE still serves while the pool holds no more than MIN_CONNS.
         # (Inlined: this runs at every checkout.)
@@ -702,6 +716,8 @@ class ConnectionPool:
             self._stats[CHECKS_ROUNDTRIP] += 1
             # Bounded: a frozen server must not hold the checkout past its deadline.
             limit = self.timeout if deadline is None else max(deadline - now, 0.001)
+            if spare and self._idle:
+                limit /= 2
             failure = self._round_trip(raw, limit, "health check")
             # It yielded: a drain or a fork may have happened meanwhile.
             if conn.generation != self._generation:

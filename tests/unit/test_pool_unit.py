@@ -771,3 +771,44 @@ def test_drain_closes_a_connection_in_use_when_it_is_returned(server):
     assert held.connection.closed
     assert pool.get_stats()["pool_size"] == 0
     assert pool.checkout().connection is server.opened[1]
+
+
+def test_one_frozen_idle_connection_costs_itself_not_the_request(server):
+    """A round trip at every checkout; the idle connection served first never answers.
+
+    While other idle connections could serve, its round trip gets half of the time
+    left; the next idle connection is checked with the other half and served. Before,
+    the frozen one spent the whole deadline and the request got a PoolTimeout with
+    two healthy connections idle.
+    """
+    pool = make_pool(max_size=3, health_check_delay=0.0, timeout=2.0)
+    leases = [pool.checkout(server.open) for _ in range(3)]
+    for lease in leases:
+        pool.checkin(lease)
+    frozen = leases[-1].connection  # given back last: served first
+    frozen.ping_gate = gevent.event.Event()  # never set: no answer
+    try:
+        lease = pool.checkout(server.open)
+    finally:
+        frozen.ping_gate.set()
+    assert lease.connection is not frozen
+    assert frozen.closed
+    stats = pool.get_stats()
+    assert stats["connections_lost"] == 1
+    assert stats["checks_roundtrip"] == 3 + 2  # three checkouts before, then two
+    pool.checkin(lease)
+    assert pool.get_stats()["pool_available"] == 2
+
+
+def test_a_frozen_connection_with_no_other_idle_one_gets_the_whole_deadline(server):
+    """Nothing else to try: the round trip may use all the time left (a slow server)."""
+    pool = make_pool(max_size=1, health_check_delay=0.0, timeout=4.0)
+    pool.checkin(pool.checkout(server.open))
+    (slow,) = server.opened
+    slow.ping_gate = gevent.event.Event()
+    answered = gevent.spawn_later(2.6, slow.ping_gate.set)  # later than half the timeout
+    lease = pool.checkout(server.open)
+    assert lease.connection is slow
+    assert pool.get_stats()["connections_lost"] == 0
+    pool.checkin(lease)
+    answered.join()
