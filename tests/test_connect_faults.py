@@ -39,6 +39,25 @@ SLACK = 2.0
 FROZEN_WAIT = 1.0
 
 
+def _timed_request(
+    alias: str, statement: str | None = "SELECT 1"
+) -> tuple[float, BaseException | None]:
+    """One request on ``alias`` (a checkout, then ``statement`` if given): how long, what error."""
+    started = monotonic()
+    error: BaseException | None = None
+    try:
+        if statement is None:
+            connections[alias].ensure_connection()
+        else:
+            with connections[alias].cursor() as cursor:
+                cursor.execute(statement)
+    except BaseException as exc:
+        error = exc
+    finally:
+        connections[alias].close()
+    return monotonic() - started, error
+
+
 def _add_alias(alias: str, **entry) -> None:
     settings = copy.deepcopy(connections.settings["default"])
     options = entry.pop("OPTIONS", {})
@@ -86,20 +105,9 @@ def test_a_server_that_never_answers_ends_every_checkout_in_time(silent_listener
         OPTIONS={"MAX_CONNS": 5, "POOL_TIMEOUT": 1.0},
     )
     try:
-        outcomes: list[tuple[float, BaseException | None]] = []
-
-        def request() -> None:
-            started = monotonic()
-            try:
-                connections[alias].ensure_connection()
-                error = None
-            except BaseException as exc:
-                error = exc
-            finally:
-                connections[alias].close()
-            outcomes.append((monotonic() - started, error))
-
-        gevent.joinall([gevent.spawn(request) for _ in range(20)], timeout=30)
+        jobs = [gevent.spawn(_timed_request, alias, None) for _ in range(20)]
+        gevent.joinall(jobs, timeout=30)
+        outcomes = [job.value for job in jobs if job.successful()]
         logger.info(
             "never answering: %d outcomes, durations %.2f..%.2fs, errors %s",
             len(outcomes),
@@ -263,22 +271,10 @@ def test_a_frozen_server_ends_every_checkout_in_time(frozen_cluster):
         os.kill(pid, signal.SIGSTOP)
     stopped.extend(pids)
 
-    outcomes: list[tuple[float, BaseException | None]] = []
-
-    def request() -> None:
-        started = monotonic()
-        try:
-            with connections[alias].cursor() as cursor:
-                cursor.execute("SELECT 1")
-            error = None
-        except BaseException as exc:
-            error = exc
-        finally:
-            connections[alias].close()
-        outcomes.append((monotonic() - started, error))
-
     with checkout_timeout(FROZEN_WAIT, alias):
-        gevent.joinall([gevent.spawn(request) for _ in range(12)], timeout=30)
+        jobs = [gevent.spawn(_timed_request, alias) for _ in range(12)]
+        gevent.joinall(jobs, timeout=30)
+    outcomes = [job.value for job in jobs if job.successful()]
     logger.info(
         "frozen server: %d outcomes, durations %.2f..%.2fs, errors %s",
         len(outcomes),
@@ -361,21 +357,9 @@ def test_a_slow_name_lookup_neither_blocks_the_process_nor_outlives_the_checkout
             ticks.append(monotonic())
             gevent.sleep(0.05)
 
-    def request() -> tuple[float, BaseException | None]:
-        started = monotonic()
-        try:
-            with connections[alias].cursor() as cursor:
-                cursor.execute("SELECT 1")
-            error = None
-        except BaseException as exc:
-            error = exc
-        finally:
-            connections[alias].close()
-        return monotonic() - started, error
-
     watch = gevent.spawn(ticker)
     try:
-        jobs = [gevent.spawn(request) for _ in range(6)]
+        jobs = [gevent.spawn(_timed_request, alias) for _ in range(6)]
         gevent.joinall(jobs, timeout=30)
     finally:
         watch.kill()
@@ -388,13 +372,14 @@ def test_a_slow_name_lookup_neither_blocks_the_process_nor_outlives_the_checkout
     )
     # The lookup went through gevent: the process kept running meanwhile.
     assert resolver.lookups >= 1
-    assert max(gaps) < 1.0
+    # (A blocking lookup would stop the hub for the resolver's 3 s.)
+    assert max(gaps) < 1.5
     for duration, error in outcomes:
         assert isinstance(error, OperationalError), error
-        assert duration < 1.0 + 0.5, duration
+        assert duration < 1.0 + SLACK, duration
     # The name does resolve, slowly: with time enough the pool connects and serves.
     resolver.delay = 0.2
-    wait_until(lambda: request()[1] is None, timeout=15)
+    wait_until(lambda: _timed_request(alias)[1] is None, timeout=30)
     stats = get_stats(alias)
     assert stats["pool_size"] <= 3
 

@@ -23,12 +23,7 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from django_db_geventpool import get_stats
 from tests.support.eventually import wait_until
-from tests.support.helpers import (
-    ServerConnectionSampler,
-    raw_connect,
-    wait_until_gone,
-    wait_until_running,
-)
+from tests.support.helpers import ServerConnectionSampler, interrupt_while_running
 
 logger = logging.getLogger(__name__)
 
@@ -236,17 +231,7 @@ def test_a_caught_interruption_outside_atomic_leaves_the_request_a_working_conne
         finally:
             connection.close()
 
-    greenlet = gevent.spawn(request)
-    observer = raw_connect()
-    try:
-        # Interrupted while the query runs in the server, however slow the machine.
-        (interrupted,) = wait_until_running(observer, "SELECT pg_sleep(30)")
-        greenlet.kill(gevent.Timeout(), block=False)
-        greenlet.get(timeout=30)
-        # Its backend ends too (psycopg 3 cancels; psycopg2's server notices the close).
-        wait_until_gone(observer, interrupted, timeout=30)
-    finally:
-        observer.close()
+    interrupted = interrupt_while_running(request, "SELECT pg_sleep(30)")
     assert after["wrapper holds"] is False
     assert after["pid"] not in (first, interrupted)
     stats = get_stats()

@@ -27,10 +27,10 @@ from tests.support.eventually import wait_until
 from tests.support.helpers import (
     ServerConnectionSampler,
     checkout_timeout,
+    interrupt_while_running,
     query,
     raw_connect,
     wait_until_gone,
-    wait_until_running,
 )
 from tests.testapp.models import Item
 
@@ -784,15 +784,7 @@ def test_a_statement_interrupted_outside_atomic_gives_its_connection_up(tx_pool)
         finally:
             connection.close()
 
-    greenlet = gevent.spawn(request)  # the timeout is thrown into this very greenlet
-    observer = raw_connect()
-    try:
-        # Interrupted while the query runs in the server, however slow the machine.
-        wait_until_running(observer, "SELECT pg_sleep(30)")
-        greenlet.kill(gevent.Timeout(), block=False)
-        greenlet.get(timeout=20)
-    finally:
-        observer.close()
+    interrupt_while_running(request, "SELECT pg_sleep(30)")
     assert after == {"wrapper holds": False, "pid": after["pid"], "held again": 0}
     assert after["pid"] != first
     stats = get_stats()

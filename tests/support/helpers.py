@@ -77,6 +77,26 @@ def wait_until_running(conn, sql: str, count: int = 1, timeout: float = 30.0) ->
     return running(conn, sql)
 
 
+def interrupt_while_running(request, sql: str) -> int:
+    """Run ``request`` in a greenlet; throw a ``gevent.Timeout`` into it while ``sql`` runs.
+
+    The timeout lands once the server shows the query running (however slow the
+    machine), in the greenlet itself, as a caught ``gevent.Timeout`` would. Returns
+    once ``request`` has ended and the interrupted backend is gone (psycopg 3
+    cancels it; psycopg2's server notices the closed socket); its pid.
+    """
+    greenlet = gevent.spawn(request)
+    observer = raw_connect()
+    try:
+        (interrupted,) = wait_until_running(observer, sql)
+        greenlet.kill(gevent.Timeout(), block=False)
+        greenlet.get(timeout=30)
+        wait_until_gone(observer, interrupted)
+    finally:
+        observer.close()
+    return interrupted
+
+
 def wait_until_gone(conn, *pids: int, timeout: float = 30.0) -> None:
     """Wait until no backend of the server (of any application) has one of ``pids``."""
     gone = set(pids)
