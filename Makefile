@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 PYTEST = $(VENV)/bin/python -m gevent.monkey --module pytest
 
-.PHONY: test test-matrix test-postgis test-oldest lint system-deps venv demo bench bench-work clean
+.PHONY: test test-matrix matrix-lane-psycopg3 matrix-lane-psycopg2 test-postgis test-oldest lint system-deps venv demo bench bench-work clean
 
 venv:
 	@scripts/mkvenv $(VENV) $(PY) '$(DJANGO)' $(DRIVER),test
@@ -52,16 +52,23 @@ lint:
 	$(VENVS)/lint/bin/mypy
 
 ## make test-matrix: what CI runs (lint; both drivers, Django 5.2 on 3.11 and 6.x on 3.13;
-## PostGIS; the oldest claimed versions)
+## PostGIS; the oldest claimed versions), the two drivers' rows in two lanes at once
 test-matrix:
 	$(MAKE) lint
+	@scripts/install-system-deps --postgis
+	@scripts/run-lanes matrix-lane-psycopg3 matrix-lane-psycopg2
+
+# One lane per driver; scripts/run-lanes runs the two at once (about half the time).
+matrix-lane-psycopg3:
 	$(MAKE) test PY=3.11 DJANGO='django>=5.2,<5.3' DRIVER=psycopg3
-	$(MAKE) test PY=3.11 DJANGO='django>=5.2,<5.3' DRIVER=psycopg2
 	$(MAKE) test PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg3
-	$(MAKE) test PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
 	$(MAKE) test-postgis PY=3.11 DJANGO='django>=5.2,<5.3' DRIVER=psycopg3
-	$(MAKE) test-postgis PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
 	$(MAKE) test-oldest DRIVER=psycopg3
+
+matrix-lane-psycopg2:
+	$(MAKE) test PY=3.11 DJANGO='django>=5.2,<5.3' DRIVER=psycopg2
+	$(MAKE) test PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
+	$(MAKE) test-postgis PY=3.13 DJANGO='django>=6.0,<7' DRIVER=psycopg2
 	$(MAKE) test-oldest DRIVER=psycopg2
 
 ## make demo: gunicorn + gevent workers on the pool, against a throwaway PostgreSQL
