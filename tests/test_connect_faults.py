@@ -438,18 +438,11 @@ def test_a_timeout_while_connects_hang_names_the_server_not_the_load(silent_list
         OPTIONS={"MAX_CONNS": 3, "POOL_TIMEOUT": 1.0, "connect_timeout": 4},
     )
     try:
-        errors: list[BaseException] = []
-
-        def request() -> None:
-            try:
-                connections[alias].ensure_connection()
-            except OperationalError as exc:
-                errors.append(exc)
-            finally:
-                connections[alias].close()
-
-        gevent.joinall([gevent.spawn(request) for _ in range(6)], timeout=30)
+        jobs = [gevent.spawn(_timed_request, alias, None) for _ in range(6)]
+        gevent.joinall(jobs, timeout=30)
+        errors = [job.value[1] for job in jobs if job.successful()]
         assert len(errors) == 6
+        assert all(isinstance(error, OperationalError) for error in errors), errors
         assert accepted
         for error in errors:
             message = str(error)

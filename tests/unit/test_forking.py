@@ -55,6 +55,23 @@ def _reap(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _peered_pool(max_size: int, timeout: float) -> tuple[Server, PeerSet, ConnectionPool]:
+    """A pool over two fake peers, as the Django glue builds one for ``PEERS``."""
+    server = Server()
+    peer_set = PeerSet("unit", ["x", "y"], check_interval=30.0, connect_errors=(FakeConnectError,))
+    pool = ConnectionPool(
+        "unit",
+        FakeDriver(),
+        max_size=max_size,
+        timeout=timeout,
+        opener=lambda reconnect: peer_set.open_connection(
+            lambda peer, again: server.open(again), reconnect
+        ),
+        on_close=peer_set.closed,
+    )
+    return server, peer_set, pool
+
+
 def _child_report(pool: ConnectionPool, peer_set: PeerSet, seen_by_callback: dict) -> dict:
     return {
         "pool_size": pool.get_stats()["pool_size"],
@@ -66,18 +83,7 @@ def _child_report(pool: ConnectionPool, peer_set: PeerSet, seen_by_callback: dic
 
 
 def test_a_forked_child_forgets_pools_then_peer_sets_then_runs_callbacks():
-    server = Server()
-    peer_set = PeerSet("unit", ["x", "y"], check_interval=30.0, connect_errors=(FakeConnectError,))
-    pool = ConnectionPool(
-        "unit",
-        FakeDriver(),
-        max_size=2,
-        timeout=5.0,
-        opener=lambda reconnect: peer_set.open_connection(
-            lambda peer, again: server.open(again), reconnect
-        ),
-        on_close=peer_set.closed,
-    )
+    server, peer_set, pool = _peered_pool(max_size=2, timeout=5.0)
     held = pool.checkout()
     idle = pool.checkout()
     pool.checkin(idle)
@@ -135,18 +141,7 @@ def test_greenlets_of_a_busy_parent_leave_the_childs_pool_alone():
     They go on in the child too; when they resume there they must not touch the
     child's pool (counts, slots, waiters) nor use the parent's connections.
     """
-    server = Server()
-    peer_set = PeerSet("unit", ["x", "y"], check_interval=30.0, connect_errors=(FakeConnectError,))
-    pool = ConnectionPool(
-        "unit",
-        FakeDriver(),
-        max_size=3,
-        timeout=10.0,
-        opener=lambda reconnect: peer_set.open_connection(
-            lambda peer, again: server.open(again), reconnect
-        ),
-        on_close=peer_set.closed,
-    )
+    server, peer_set, pool = _peered_pool(max_size=3, timeout=10.0)
     held = pool.checkout()
     pool.checkin(pool.checkout())  # a second one, idle
     pinged = server.opened[1] if server.opened[0] is held.connection else server.opened[0]
